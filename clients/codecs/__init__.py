@@ -1,0 +1,38 @@
+"""codecs: compressed model updates (SGQ and baselines), their wire format and Flower mod.
+
+Lives here: the Codec interface, get_codec, the payload format, the client-side mod.
+Must not: aggregate updates or hold server state (that is strategies.compressed).
+"""
+
+from .codec import (
+    BlockwiseCodec,
+    Codec,
+    FP16Codec,
+    FP32Codec,
+    QSGDCodec,
+    SGQCodec,
+    SignCodec,
+    TopKCodec,
+    UniformCodec,
+    available_codecs,
+    get_codec,
+)
+from .schemes import decode_payload
+from .wire import PayloadHeader, parse_header
+
+__all__ = [
+    "BlockwiseCodec",
+    "Codec",
+    "FP16Codec",
+    "FP32Codec",
+    "PayloadHeader",
+    "QSGDCodec",
+    "SGQCodec",
+    "SignCodec",
+    "TopKCodec",
+    "UniformCodec",
+    "available_codecs",
+    "decode_payload",
+    "get_codec",
+    "parse_header",
+]
