@@ -1,0 +1,242 @@
+"""Measure one real training (or inference) step of a model: MACs, bytes, saved tensors.
+
+This is the measuring half of the cost model (``devices.cost`` turns the measurement into
+a ``StepCost``). It runs the model's real forward and backward pass, on the ``meta``
+device when the model allows it (no arithmetic, no memory, any batch size) and on the CPU
+otherwise (e.g. a layer that calls ``.item()``), and observes:
+
+- every ATen op, through a ``TorchDispatchMode``: its MACs (the formulas of
+  ``torch.utils.flop_counter``, divided by 2 since they count a MAC as 2 FLOPs), the bytes
+  it reads and writes, and the storages it touches; ops are attributed to the innermost
+  ``nn.Module`` running them, forward or backward, by ``torch.utils.module_tracker``;
+- every tensor autograd saves for backward, through
+  ``torch.autograd.graph.saved_tensors_hooks``, deduplicated by storage.
+
+Backward MACs come from the ops autograd really runs given which parameters require grad:
+no ``dX`` below the lowest trainable layer, no ``dW`` for frozen weights. One correction to
+torch's formulas: ``torch.utils.flop_counter`` counts a grouped convolution's weight
+gradient as if it were dense (``groups`` times too many; 19x the forward for
+MobileNetV2), so ``convolution_backward`` is counted here as the forward MACs once per
+gradient it computes, which is exact for grouped, depthwise and transposed convolutions.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Collection, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import conv_flop_count, flop_registry
+from torch.utils.module_tracker import ModuleTracker
+
+__all__ = ["OpRecord", "StepTrace", "trace_step"]
+
+_aten = torch.ops.aten
+LOSS_LAYER = "(loss)"
+ROOT_LAYER = "(model)"
+
+
+@dataclass
+class OpRecord:
+    """One ATen op of the step."""
+
+    layer: str
+    phase: str  # "fwd" | "bwd"
+    macs: int
+    bytes: int  # logical bytes read (tensor inputs) + written (tensor outputs)
+    storages: list[tuple[int, int]]  # (storage key, storage bytes) of inputs and outputs
+
+
+@dataclass
+class StepTrace:
+    """What one step did, before any accounting decisions."""
+
+    ops: list[OpRecord]
+    saved: dict[int, tuple[int, str]]  # storage key -> (bytes, layer that saved it first)
+    param_keys: set[int]
+    buffer_keys: set[int]
+    grad_keys: set[int]
+    layer_types: dict[str, str]
+    layer_order: list[str]  # layers in first-execution order
+    device: str
+    _keep: list[Any] = field(default_factory=list, repr=False)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage._cdata, storage.nbytes()
+
+
+def _conv_backward_macs(args: tuple[Any, ...], out: Any) -> int:
+    """MACs of ``aten.convolution_backward``: forward MACs once per computed gradient."""
+    grad_out, x, w = args[0], args[1], args[2]
+    transposed, output_mask = bool(args[7]), args[10]
+    fwd = conv_flop_count(list(x.shape), list(w.shape), list(grad_out.shape), transposed) // 2
+    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def _op_macs(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
+    packet = func._overloadpacket
+    if packet is _aten.convolution_backward:
+        return _conv_backward_macs(args, out)
+    formula = flop_registry.get(packet)
+    if formula is None:
+        return 0
+    return int(formula(*args, **kwargs, out_val=out)) // 2
+
+
+class _Recorder(TorchDispatchMode):
+    """Dispatch mode that records every non-view op and attributes it to a layer."""
+
+    def __init__(self, tracker: ModuleTracker, layer_of: Callable[[], str]) -> None:
+        super().__init__()
+        self.tracker = tracker
+        self.layer_of = layer_of
+        self.phase = "fwd"
+        self.ops: list[OpRecord] = []
+        self.keep: list[Any] = []  # hold storages so their keys are not reused
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if getattr(func, "is_view", False):
+            return out
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not ins and not outs:
+            return out
+        nbytes = sum(t.numel() * t.element_size() for t in ins + outs)
+        storages = []
+        for t in ins + outs:
+            storages.append(_storage_key(t))
+            self.keep.append(t.untyped_storage())
+        self.ops.append(
+            OpRecord(self.layer_of(), self.phase, _op_macs(func, args, kwargs, out), nbytes,
+                     storages)
+        )
+        return out
+
+
+def _innermost(parents: Collection[str], root: str) -> str:
+    """The innermost module among the tracker's current parents, as a state-dict name."""
+    names = [p for p in parents if p != "Global"]
+    if not names:
+        return LOSS_LAYER
+    deepest = max(names, key=lambda n: (n.count("."), len(n)))
+    if deepest == root:
+        return ROOT_LAYER
+    return deepest[len(root) + 1:] if deepest.startswith(root + ".") else deepest
+
+
+def _loss(out: Any, num_classes: int | None) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model returned {type(out).__name__}, expected a tensor of logits")
+    if out.dim() == 2 and out.is_floating_point():
+        classes = out.shape[1]
+        if num_classes is not None and num_classes != classes:
+            raise ValueError(f"num_classes={num_classes} but the model outputs {classes} "
+                             f"logits")
+        target = torch.randint(0, classes, (out.shape[0],), device=out.device)
+        return nn.functional.cross_entropy(out, target)
+    return out.float().square().mean()
+
+
+def _input_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _run(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    trainable: Collection[str],
+    num_classes: int | None,
+    training: bool,
+    device: str,
+) -> StepTrace:
+    m = copy.deepcopy(model).to(device)
+    for name, p in m.named_parameters():
+        p.requires_grad_(training and name in trainable)
+    m.train(training)
+    root = type(m).__name__
+    layer_types = {name or ROOT_LAYER: type(mod).__name__ for name, mod in m.named_modules()}
+    layer_types[LOSS_LAYER] = "loss"
+    param_keys = {_storage_key(p)[0] for p in m.parameters()}
+    buffer_keys = {_storage_key(b)[0] for b in m.buffers()}
+    x = torch.randn(shape, dtype=_input_dtype(m), device=device)
+    saved: dict[int, tuple[int, str]] = {}
+    tracker = ModuleTracker()
+    recorder = _Recorder(tracker, lambda: _innermost(tracker.parents, root))
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key, nbytes = _storage_key(t)
+        if key not in saved:
+            saved[key] = (nbytes, _innermost(tracker.parents, root))
+            recorder.keep.append(t.untyped_storage())
+        return t
+
+    with ExitStack() as stack:
+        stack.enter_context(tracker)
+        stack.enter_context(recorder)
+        if training:
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+            loss = _loss(m(x), num_classes)
+            recorder.phase = "bwd"
+            if loss.requires_grad:
+                loss.backward()
+        else:
+            stack.enter_context(torch.no_grad())
+            m(x)
+    grad_keys = {_storage_key(p.grad)[0] for p in m.parameters() if p.grad is not None}
+    order: list[str] = []
+    seen: set[str] = set()
+    for op in recorder.ops:
+        if op.layer not in seen:
+            seen.add(op.layer)
+            order.append(op.layer)
+    return StepTrace(recorder.ops, saved, param_keys, buffer_keys, grad_keys, layer_types,
+                     order, device, recorder.keep)
+
+
+def trace_step(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    trainable: Collection[str],
+    *,
+    num_classes: int | None = None,
+    training: bool = True,
+) -> StepTrace:
+    """Run one step of a copy of ``model`` on a batch of ``shape`` and record it.
+
+    Tries the ``meta`` device first and falls back to the CPU if the model cannot run
+    there. ``model`` itself is not modified (its copy is).
+
+    Raises
+    ------
+    Exception
+        Whatever the model's own forward raises on the CPU (e.g. a shape mismatch).
+    """
+    try:
+        return _run(model, shape, trainable, num_classes, training, "meta")
+    except (RuntimeError, NotImplementedError, TypeError):
+        return _run(model, shape, trainable, num_classes, training, "cpu")
+
+
+def iter_leaf_params(model: nn.Module) -> Iterator[tuple[str, str, nn.Parameter]]:
+    """(layer name, full parameter name, parameter) for parameters owned directly by a module."""
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            yield (mod_name or ROOT_LAYER), full, p
