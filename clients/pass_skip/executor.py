@@ -1,0 +1,267 @@
+"""One gated block: decide per patch, run the block on the gathered patches, put them back.
+
+``PatchBlock`` wraps a block (an ``nn.Sequential`` of convolutions, pooling and pointwise
+layers) for frame-by-frame inference. On a key frame it runs the block whole and caches the
+output. On any other frame its gate decides per patch; only the chosen patches' input
+windows (patch plus the block's summed receptive-field halo) are gathered into one batch,
+run through padding-free twins of the block's convolutions (same parameters), and written
+into the cached output. Skipped patches keep the previous output. Executed MACs are
+counted analytically per executed patch (halo recomputation included) plus the gate's.
+
+Memory layout, chosen so the per-frame cost follows the changed patches and not the frame
+size: each block's input lives inside a persistent zero-bordered buffer (the border is the
+block's halo), and the previous block writes its output patches straight into it. A block
+hands the next one a ``Change``: which cells it rewrote, with their old and new values, so
+the next gate computes its per-patch features only there (elsewhere the input is bit-for-
+bit unchanged; their features are cached). Without that (the first block, or grids that
+do not line up) the block keeps a copy of its previous input and compares whole maps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clients.pass_skip.gates import PatchGate
+from clients.pass_skip.geometry import BlockPlan, conv_macs, layer_spec, plan_block
+from clients.pass_skip.patches import (
+    border_mask,
+    gather_windows,
+    grid_indices,
+    put_patches,
+    take_patches,
+)
+from devices.errors import ConfigError, DataError
+
+__all__ = ["PatchBlock", "PatchConv", "Change", "block_stride"]
+
+
+@dataclass
+class Change:
+    """Cells of a map rewritten this frame: grid indices (n,) and old/new patches."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    old: torch.Tensor
+    new: torch.Tensor
+
+
+class PatchConv(nn.Module):
+    """A padding-free twin of a ``Conv2d`` (same parameters) run on gathered windows.
+
+    The original convolution is held outside the module tree so its parameters are not
+    registered twice; hooks on this module see exactly the patch batches executed.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        object.__setattr__(self, "_conv", conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv: nn.Conv2d = self._conv  # type: ignore[assignment]
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, 1, conv.groups)
+
+
+def block_stride(block: nn.Sequential) -> int:
+    """Total stride of a block (product of its layers' strides)."""
+    return math.prod(layer_spec(m).stride for m in block)
+
+
+class PatchBlock(nn.Module):
+    """A block with a per-patch gate and an output cache (see the module docstring).
+
+    Parameters
+    ----------
+    block : nn.Sequential
+        The layers (evaluated whole on key frames).
+    gate : PatchGate
+        Per-patch ``cell_features`` and grid-wide ``decide`` (compute where logit > 0).
+    in_patch : int
+        Patch side at the block's input; a multiple of the block's total stride.
+
+    Raises
+    ------
+    ConfigError
+        If a layer cannot be cut into patches or the patch does not fit the stride.
+    """
+
+    def __init__(self, block: nn.Sequential, gate: PatchGate, in_patch: int) -> None:
+        super().__init__()
+        specs = [layer_spec(m) for m in block]
+        stride = block_stride(block)
+        if in_patch < stride or in_patch % stride:
+            raise ConfigError(
+                f"pass.patch: patch side {in_patch} at a block input is not a multiple of "
+                f"the block's stride {stride}"
+            )
+        self.block = block
+        self.gate: PatchGate = gate
+        self.plan: BlockPlan = plan_block(specs, in_patch // stride)
+        self.patch_layers = nn.ModuleList(
+            [PatchConv(m) if isinstance(m, nn.Conv2d) else m for m in block]
+        )
+        self._masked = [
+            i
+            for i, lp in enumerate(self.plan.layers)
+            if i > 0 and lp.spec.kind == "conv" and lp.spec.padding > 0
+        ]
+        self._shape: tuple[int, int, int] | None = None
+        self._grid = (0, 0)
+        self.full_macs_per_frame = 0
+        self._ready = False
+        self.reset_stats()
+
+    # -- state -------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the cache: the next frame must be a key frame."""
+        self._ready = False
+
+    def reset_stats(self) -> None:
+        """Zero the counters."""
+        self.executed_macs = 0
+        self.gate_macs = 0
+        self.full_macs = 0
+        self.executed_patches = 0
+        self.total_patches = 0
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (gh, gw) of the bound input size."""
+        return self._grid
+
+    @property
+    def input_view(self) -> torch.Tensor:
+        """The block's current input (1, C, H, W), a view into its bordered buffer."""
+        return self._x
+
+    def bind(self, in_shape: tuple[int, int, int], out: torch.Tensor, track_prev: bool) -> None:
+        """Allocate the buffers for inputs of ``in_shape`` (C, H, W).
+
+        Parameters
+        ----------
+        out : torch.Tensor
+            (1, C', H', W') view the block writes its output into (the next block's input).
+        track_prev : bool
+            Keep a copy of the previous input (no ``Change`` will be handed in).
+        """
+        c, h, w = in_shape
+        p = self.plan.in_patch
+        if h % p or w % p:
+            raise DataError(f"pass: block input {h}x{w} is not a multiple of the patch side {p}")
+        self._shape = in_shape
+        gh, gw = h // p, w // p
+        self._grid = (gh, gw)
+        halo, right = self.plan.in_halo, max(self.plan.in_window - p - self.plan.in_halo, 0)
+        self._buf = torch.zeros(1, c, h + halo + right, w + halo + right)
+        self._x = self._buf[:, :, halo : halo + h, halo : halo + w]
+        self._out = out
+        self._prev = torch.zeros(1, c, h, w) if track_prev else None
+        self.full_macs_per_frame = sum(
+            conv_macs(
+                lp.spec, gh * (lp.in_patch // lp.spec.stride), gw * (lp.in_patch // lp.spec.stride)
+            )
+            for lp in self.plan.layers
+            if lp.spec.kind == "conv"
+        )
+        self._ready = False
+
+    # -- execution ---------------------------------------------------------------------
+    def run_patches(
+        self, windows: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
+        """Run the block on gathered windows (n, C, w, w) -> output patches (n, C', p, p)."""
+        gh, gw = self._grid
+        h = windows
+        for i, (lp, layer) in enumerate(zip(self.plan.layers, self.patch_layers, strict=True)):
+            if i in self._masked:
+                mask = border_mask(
+                    rows,
+                    cols,
+                    lp.in_patch,
+                    lp.in_window,
+                    lp.in_halo,
+                    gh * lp.in_patch,
+                    gw * lp.in_patch,
+                )
+                if mask is not None:
+                    h = h * mask
+            h = layer(h)
+        return h
+
+    def keyframe(self, x: torch.Tensor) -> torch.Tensor:
+        """Compute a whole frame from input ``x`` (1, C, H, W); refresh every cache."""
+        gh, gw = self._grid
+        self._x.copy_(x)
+        out = self.block(x)
+        expected = (gh * self.plan.out_patch, gw * self.plan.out_patch)
+        if tuple(out.shape[2:]) != expected:
+            raise ConfigError(
+                f"pass: block output {tuple(out.shape[2:])} is not input/stride {expected}; "
+                "use 'same'-style padding"
+            )
+        self._out.copy_(out)
+        self._static = self.gate.cell_features(x, x)
+        if self._prev is not None:
+            self._prev.copy_(x)
+        self._ready = True
+        self.total_patches += gh * gw
+        self.full_macs += self.full_macs_per_frame
+        self.executed_macs += self.full_macs_per_frame
+        self.executed_patches += gh * gw
+        return out
+
+    def step(self, change: Change | None) -> Change:
+        """Process a non-key frame whose input is already in ``input_view``.
+
+        Parameters
+        ----------
+        change : Change or None
+            The input cells the previous block rewrote (None: unknown, compare with the
+            kept copy of the previous input).
+
+        Returns
+        -------
+        Change
+            The output cells this block rewrote.
+        """
+        if not self._ready:
+            raise ConfigError("pass: a block must see a key frame before a gated frame")
+        gh, gw = self._grid
+        gate = self.gate
+        if change is None:
+            if self._prev is None:
+                raise ConfigError("pass: block without a change record needs track_prev=True")
+            features = gate.cell_features(self._x, self._prev)
+            self._static = gate.cell_features(self._x, self._x)
+            self._prev.copy_(self._x)
+            featured = gh * gw
+        else:
+            features = self._static.clone()
+            featured = int(change.rows.numel())
+            if featured:
+                dyn = gate.cell_features(change.new, change.old)[:, :, 0, 0]
+                still = gate.cell_features(change.new, change.new)[:, :, 0, 0]
+                features[0][:, change.rows, change.cols] = dyn.t()
+                self._static[0][:, change.rows, change.cols] = still.t()
+        decision = gate.decide(features)[0, 0] > 0
+        rows, cols = grid_indices(decision)
+        n = int(rows.numel())
+        gate_macs = int(gate.macs(self._shape[0] if self._shape else 0, featured, gh * gw))
+        self.gate_macs += gate_macs
+        self.executed_macs += gate_macs + n * self.plan.patch_macs()
+        self.executed_patches += n
+        self.total_patches += gh * gw
+        self.full_macs += self.full_macs_per_frame
+        po = self.plan.out_patch
+        if n == 0:
+            empty = self._out.new_zeros((0, self._out.shape[1], po, po))
+            return Change(rows, cols, empty, empty)
+        windows = gather_windows(self._buf, rows, cols, self.plan.in_patch, self.plan.in_window)
+        new = self.run_patches(windows, rows, cols)
+        old = take_patches(self._out, rows, cols, po)
+        put_patches(self._out, new, rows, cols)
+        return Change(rows, cols, old, new)

@@ -1,0 +1,143 @@
+"""Per-patch skip gates: a training-free difference threshold and the learned PASS gate.
+
+Both look at a block's input on the current frame ``x`` and on the previous frame
+``prev`` and return one logit per patch (positive: compute, else: reuse the cache), so the
+same executor and the same soft training path serve both. Each splits into
+``cell_features`` (pooled per patch from that patch alone, so the executor can compute it
+only on the patches whose input changed) and ``decide`` (on the whole, small, patch grid).
+
+- ``ThresholdGate``: logit = mean |x - prev| over the patch (and channels) - tau. No
+  parameters; the baseline.
+- ``LearnedGate``: the PASS gate. Its design is ours where the paper's details are not
+  public: per patch it pools [x, |x - prev|] (mean of x, mean and max of |x - prev|, per
+  channel; pooling first keeps it cheap: one pass over the map), then runs a 3x3
+  convolution *on the patch grid* (so a patch sees its neighbours' change, which reaches it
+  through the receptive-field halo) and a 1x1 convolution to one logit. Training binarizes
+  with logistic (Gumbel) noise and a straight-through estimator (``gumbel_gate``); test
+  time thresholds sigmoid(logit) at 0.5, i.e. logit > 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PatchGate", "ThresholdGate", "LearnedGate", "gumbel_gate", "patch_mean_abs_diff"]
+
+
+def patch_mean_abs_diff(x: torch.Tensor, prev: torch.Tensor, patch: int) -> torch.Tensor:
+    """Mean |x - prev| over each patch and all channels: (N, C, H, W) -> (N, 1, gh, gw)."""
+    return F.avg_pool2d((x - prev).abs().mean(1, keepdim=True), patch)
+
+
+def gumbel_gate(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Hard 0/1 gate with a straight-through gradient (Gumbel-sigmoid, training only).
+
+    Forward: 1 where sigmoid((logit + logistic noise) / temperature) > 0.5. Backward: the
+    gradient of the soft sigmoid.
+    """
+    u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+class PatchGate(nn.Module):
+    """What a gate provides to the executor (see the module docstring)."""
+
+    patch: int
+
+    def cell_features(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Per-patch features (N, F, gh, gw), each from its own patch of x and prev."""
+        raise NotImplementedError
+
+    def decide(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-patch logits (N, 1, gh, gw) from the feature grid; compute where > 0."""
+        raise NotImplementedError
+
+    def macs(self, channels: int, featured: int, cells: int) -> int:
+        """MAC-equivalents of one decision with ``featured`` patches' features computed."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Logits (N, 1, gh, gw) from whole maps (the training path)."""
+        return self.decide(self.cell_features(x, prev))
+
+
+class ThresholdGate(PatchGate):
+    """Compute a patch when its mean absolute change exceeds ``tau``.
+
+    Parameters
+    ----------
+    patch : int
+        Patch side at the block's input.
+    tau : float
+        Threshold on the mean |x_t - x_{t-1}| over the patch and channels.
+    """
+
+    def __init__(self, patch: int, tau: float) -> None:
+        super().__init__()
+        self.patch = patch
+        self.tau = float(tau)
+
+    def cell_features(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Per-patch features (N, 1, gh, gw): the mean absolute change."""
+        return patch_mean_abs_diff(x, prev, self.patch)
+
+    def decide(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (N, 1, gh, gw): mean change minus tau."""
+        return features - self.tau
+
+    def macs(self, channels: int, featured: int, cells: int) -> int:
+        """MAC-equivalents of one decision: one per input element of each featured patch."""
+        return featured * channels * self.patch * self.patch
+
+
+class LearnedGate(PatchGate):
+    """The learned PASS gate (see the module docstring for its design).
+
+    Parameters
+    ----------
+    channels : int
+        Channels of the block's input.
+    patch : int
+        Patch side at the block's input.
+    hidden : int
+        Channels of the grid convolution.
+    init_bias : float
+        Initial logit bias; positive starts by computing everything, and the sparsity loss
+        then teaches where skipping is harmless.
+    """
+
+    def __init__(self, channels: int, patch: int, hidden: int = 16, init_bias: float = 2.0):
+        super().__init__()
+        self.patch = patch
+        self.channels = channels
+        self.hidden = hidden
+        self.grid_conv = nn.Conv2d(3 * channels, hidden, 3, padding=1)
+        self.out = nn.Conv2d(hidden, 1, 1)
+        assert self.out.bias is not None
+        nn.init.constant_(self.out.bias, init_bias)
+
+    def cell_features(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Pooled per-patch features (N, 3C, gh, gw): mean x, mean and max |x - prev|."""
+        d = (x - prev).abs()
+        return torch.cat(
+            [
+                F.avg_pool2d(x, self.patch),
+                F.avg_pool2d(d, self.patch),
+                F.max_pool2d(d, self.patch),
+            ],
+            dim=1,
+        )
+
+    def decide(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (N, 1, gh, gw) from the feature grid; compute where logit > 0."""
+        return self.out(F.relu(self.grid_conv(features)))
+
+    def macs(self, channels: int, featured: int, cells: int) -> int:
+        """MAC-equivalents of one decision: pooling of each featured patch (twice: changed
+        and unchanged features, three passes each) plus the grid convolutions."""
+        pooled = 6 * featured * channels * self.patch * self.patch
+        return pooled + cells * (3 * channels * self.hidden * 9 + self.hidden)

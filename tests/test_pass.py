@@ -1,0 +1,279 @@
+"""Tests of PASS patch skipping (clients.pass_skip): exactness, real skipping, key frames."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+from torch import nn
+
+from clients.pass_skip import (
+    LayerSpec,
+    PassModel,
+    PatchConv,
+    PerceptionNet,
+    StridedMaxPool2d,
+    gather_windows,
+    gumbel_gate,
+    pad_map,
+    plan_block,
+    prepare,
+    put_patches,
+    take_patches,
+    train_gates,
+)
+from devices.errors import ConfigError, DataError
+
+torch.manual_seed(0)
+
+
+def _net() -> PerceptionNet:
+    torch.manual_seed(1)
+    return PerceptionNet(in_channels=1, width=8).eval()
+
+
+def _frames(t: int = 6, size: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    return torch.rand(t, 1, size, size, generator=g)
+
+
+def _block_outputs(net: PerceptionNet, frame: torch.Tensor) -> list[torch.Tensor]:
+    outs, h = [], frame[None]
+    for block in net.backbone:
+        h = block(h)
+        outs.append(h)
+    return outs
+
+
+def _pass_outputs(pm: PassModel) -> list[torch.Tensor]:
+    blocks = pm.patch_blocks
+    return [b.input_view for b in blocks[1:]] + [pm._final]
+
+
+# -- geometry and patch ops -------------------------------------------------------------
+def test_plan_sums_the_halo_of_a_block() -> None:
+    conv = LayerSpec("conv", 3, 1, 1, 4, 4)
+    plan = plan_block([conv, LayerSpec("pointwise"), conv], out_patch=8)
+    assert (plan.in_window, plan.in_halo, plan.in_patch) == (12, 2, 8)
+    assert [lp.out_window for lp in plan.layers] == [10, 10, 8]
+    assert plan.patch_macs() == 4 * 4 * 9 * (10 * 10 + 8 * 8)
+    pooled = plan_block([LayerSpec("pool", 2, 2), conv], out_patch=4)
+    assert (pooled.in_patch, pooled.in_window, pooled.in_halo, pooled.stride) == (8, 12, 2, 2)
+
+
+def test_gather_take_put_agree_with_slicing() -> None:
+    x = torch.randn(1, 3, 16, 16)
+    rows, cols = torch.tensor([0, 1, 3]), torch.tensor([2, 0, 3])
+    padded = pad_map(x, 4, 8, 2)
+    w = gather_windows(padded, rows, cols, 4, 8)
+    for k, (i, j) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
+        assert torch.equal(w[k], padded[0, :, 4 * i : 4 * i + 8, 4 * j : 4 * j + 8])
+    patches = take_patches(x, rows, cols, 4)
+    y = torch.zeros(1, 5, 18, 18)  # a view inside a bordered buffer, as the executor uses
+    view = y[:, 1:4, 1:17, 1:17]
+    put_patches(view, patches, rows, cols)
+    assert torch.equal(take_patches(view, rows, cols, 4), patches)
+    assert float(y.abs().sum()) == pytest.approx(float(patches.abs().sum()))
+
+
+def test_strided_max_pool_matches_max_pool() -> None:
+    x = torch.randn(2, 3, 12, 12)
+    assert torch.equal(StridedMaxPool2d(2)(x), nn.functional.max_pool2d(x, 2))
+    assert torch.equal(StridedMaxPool2d(3)(x), nn.functional.max_pool2d(x, 3))
+
+
+# -- exactness --------------------------------------------------------------------------
+def test_computing_every_patch_reproduces_the_full_model() -> None:
+    net, frames = _net(), _frames()
+    pm = prepare(net, patch=8, threshold=-1.0, keyframe_every=0)  # tau < 0: compute all
+    for t in range(len(frames)):
+        out = pm(frames[t])
+        with torch.no_grad():
+            ref = _block_outputs(net, frames[t])
+            assert torch.allclose(out, net(frames[t : t + 1]), atol=1e-6, rtol=0)
+        for got, want in zip(_pass_outputs(pm), ref, strict=True):
+            assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    assert pm.keyframes == 1 and pm.executed_patches == pm.total_patches
+
+
+def test_border_masking_for_a_strided_block_with_batch_norm() -> None:
+    torch.manual_seed(3)
+    bn = nn.BatchNorm2d(2)
+    assert bn.running_mean is not None
+    bn.running_mean.uniform_(-1, 1)
+    bn.bias.data.uniform_(0.5, 1.0)  # zero input would give non-zero output: must be masked
+    block = nn.Sequential(
+        bn, nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
+    ).eval()
+    pm = prepare(block, patch=8, threshold=-1.0)
+    x = torch.randn(3, 2, 24, 24)
+    for t in range(3):
+        out = pm(x[t])
+        with torch.no_grad():
+            assert torch.allclose(out, block(x[t : t + 1]), atol=1e-5, rtol=0)
+
+
+def test_unchanged_frame_is_reused_exactly_and_nothing_runs() -> None:
+    net, frames = _net(), _frames()
+    pm = prepare(net, patch=8, threshold=0.0)
+    calls: list[int] = []
+    for m in pm.modules():
+        if isinstance(m, PatchConv):
+            m.register_forward_hook(lambda _m, inp, _o: calls.append(inp[0].shape[0]))
+    first = pm(frames[0])
+    again = pm(frames[0])
+    assert torch.equal(first, again)
+    with torch.no_grad():
+        assert torch.equal(again, net(frames[:1]))
+    assert calls == []
+    assert pm.executed_patches == pm.total_patches // 2  # only the key frame computed
+
+
+def test_computed_patches_equal_full_computation_and_skipped_ones_keep_the_cache() -> None:
+    torch.manual_seed(4)
+    block = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    pm = prepare(block, patch=8, threshold=0.0)
+    a = torch.rand(1, 32, 32)
+    b = a.clone()
+    b[:, 9:14, 18:30] += 0.5  # touches patches (1, 2) and (1, 3)
+    pm(a)
+    out = pm(b)
+    with torch.no_grad():
+        full_a, full_b = block(a[None]), block(b[None])
+    computed = torch.zeros(4, 4, dtype=torch.bool)
+    computed[1, 2] = computed[1, 3] = True
+    for i in range(4):
+        for j in range(4):
+            sl = (..., slice(8 * i, 8 * i + 8), slice(8 * j, 8 * j + 8))
+            want = full_b if computed[i, j] else full_a
+            if computed[i, j]:
+                assert torch.allclose(out[sl], want[sl], atol=1e-6, rtol=0), (i, j)
+            else:
+                assert torch.equal(out[sl], want[sl]), (i, j)
+    assert pm.patch_blocks[0].executed_patches == 16 + 2
+    assert pm.patch_blocks[0].executed_macs == (
+        pm.patch_blocks[0].full_macs_per_frame
+        + pm.patch_blocks[0].gate_macs
+        + 2 * pm.patch_blocks[0].plan.patch_macs()
+    )
+    assert pm.patch_blocks[0].gate_macs == 32 * 32  # one pass over the 1-channel input
+
+
+def test_skipped_work_is_not_executed() -> None:
+    net = _net()
+    frames = _frames(1).repeat(8, 1, 1, 1)
+    for t in range(1, 8):  # a 6x6 square walks to the right; the rest is still
+        frames[t, :, 4:10, 3 * t : 3 * t + 6] = 1.0
+    pm = prepare(net, patch=8, threshold=1e-4, keyframe_every=0)
+    pm(frames[0])  # the key frame
+    patch_batches: dict[int, list[int]] = defaultdict(list)
+    full_calls: list[int] = []
+    for b, block in enumerate(pm.patch_blocks):
+        first = next(m for m in block.patch_layers if isinstance(m, PatchConv))
+        first.register_forward_hook(
+            lambda _m, inp, _o, b=b: patch_batches[b].append(int(inp[0].shape[0]))
+        )
+        for conv in block.block:  # the whole-map convolutions (ReLU/pool are shared)
+            if isinstance(conv, nn.Conv2d):
+                conv.register_forward_hook(lambda _m, _i, _o: full_calls.append(1))
+    for t in range(1, 8):
+        pm(frames[t])
+    assert full_calls == []  # the whole-map layers never run on gated frames
+    for b, blk in enumerate(pm.patch_blocks):
+        cells = blk.grid[0] * blk.grid[1]
+        gated = blk.executed_patches - cells
+        assert sum(patch_batches[b]) == gated
+        assert 0 < gated < 7 * cells / 2
+        assert blk.executed_macs == (
+            blk.full_macs_per_frame + blk.gate_macs + gated * blk.plan.patch_macs()
+        )
+    stats = pm.stats()
+    assert stats["executed_macs"] < 0.5 * stats["full_macs"]
+    assert stats["frames"] == 8 and stats["keyframes"] == 1
+
+
+def test_key_frames_reset_the_cache() -> None:
+    net, frames = _net(), _frames(9)
+    pm = prepare(net, patch=8, threshold=1e9, keyframe_every=4)  # never compute a patch
+    outs = [pm(frames[t]) for t in range(9)]
+    with torch.no_grad():
+        full = [net(frames[t : t + 1]) for t in range(9)]
+    for t in range(9):
+        if t % 4 == 0:
+            assert torch.equal(outs[t], full[t])
+        else:  # stale: the cache of the last key frame
+            assert torch.equal(outs[t], outs[t - t % 4])
+            assert not torch.allclose(outs[t], full[t])
+    assert pm.keyframes == 3
+    pm.reset()
+    assert torch.equal(pm(frames[5]), full[5])
+    assert pm.keyframes == 4
+    pm.reset_stats()
+    assert pm.stats()["executed_macs"] == 0
+
+
+def test_clip_path_matches_the_frame_path() -> None:
+    net = _net()
+    frames = _frames(1).repeat(6, 1, 1, 1)
+    for t in range(6):
+        frames[t, :, 20:28, 2 * t : 2 * t + 8] = 0.9
+    pm = prepare(net, patch=8, threshold=0.01, keyframe_every=4)
+    seq = torch.cat([pm(frames[t]) for t in range(6)])
+    with torch.no_grad():
+        clip, compute = pm.forward_clip(frames[None])
+    assert torch.allclose(clip[0], seq, atol=1e-5)
+    assert 0.0 < float(compute) < 1.0
+
+
+# -- the learned gate ------------------------------------------------------------------
+def test_gumbel_gate_is_binary_with_a_gradient() -> None:
+    logits = torch.zeros(1, 1, 4, 4, requires_grad=True)
+    g = gumbel_gate(logits)
+    values = g.detach()
+    assert torch.allclose(values, values.round(), atol=1e-6)
+    g.sum().backward()
+    assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
+
+
+def test_learned_gate_trains_towards_skipping() -> None:
+    net = _net()
+    frames = _frames(1).repeat(6, 1, 1, 1)
+    clips = frames[None].repeat(4, 1, 1, 1, 1)
+    labels = torch.zeros(4, 6, dtype=torch.long)
+    pm = prepare(net, patch=8, gate="learned", keyframe_every=0)
+    untrained = pm(frames[0]), pm(frames[1])
+    with torch.no_grad():
+        assert torch.allclose(untrained[1], net(frames[:1]), atol=1e-6)  # init: compute all
+    before = [p.clone() for p in pm.parameters()]
+    history = train_gates(pm, clips, labels, steps=30, batch_size=2, lr=0.05, sparsity=5.0)
+    assert history[-1]["compute"] < history[0]["compute"]
+    gate_params = {id(p) for b in pm.patch_blocks for p in b.gate.parameters()}
+    for p, q in zip(pm.parameters(), before, strict=True):
+        assert torch.equal(p, q) != (id(p) in gate_params)  # only the gates moved
+
+
+# -- errors ------------------------------------------------------------------------------
+def test_prepare_rejects_what_it_cannot_cut() -> None:
+    with pytest.raises(ConfigError, match="cannot prepare"):
+        prepare(nn.LSTM(4, 4))
+    with pytest.raises(ConfigError, match="cannot cut"):
+        prepare(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Upsample(scale_factor=2)))
+    with pytest.raises(ConfigError, match="dilation"):
+        prepare(nn.Conv2d(1, 2, 3, padding=2, dilation=2))
+    with pytest.raises(ConfigError, match="padding=0"):
+        prepare(nn.Sequential(nn.MaxPool2d(3, 2, padding=1)))
+    with pytest.raises(ConfigError, match="not a multiple of"):
+        prepare(_net(), patch=6)
+    with pytest.raises(ConfigError, match="gate"):
+        prepare(_net(), gate="magic")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="keyframe_every"):
+        prepare(_net(), keyframe_every=-1)
+
+
+def test_frame_size_must_fit_the_patch_grid() -> None:
+    pm = prepare(_net(), patch=8)
+    with pytest.raises(DataError, match="multiple of the patch"):
+        pm(torch.rand(1, 36, 36))
+    with pytest.raises(DataError, match="one frame"):
+        pm(torch.rand(2, 1, 32, 32))
