@@ -221,7 +221,10 @@ def trace_step(
     """Run one step of a copy of ``model`` on a batch of ``shape`` and record it.
 
     Tries the ``meta`` device first and falls back to the CPU if the model cannot run
-    there. ``model`` itself is not modified (its copy is).
+    there (the CPU run keeps every storage of the step alive until it is accounted, so
+    it needs about twice the step's memory). ``model`` itself is not modified (its copy
+    is). The module tracker uses global module hooks: do not run another model's forward
+    in another thread of the same process meanwhile.
 
     Raises
     ------
@@ -230,7 +233,7 @@ def trace_step(
     """
     try:
         return _run(model, shape, trainable, num_classes, training, "meta")
-    except (RuntimeError, NotImplementedError, TypeError):
+    except Exception:  # any failure on meta: the CPU run decides what is really wrong
         return _run(model, shape, trainable, num_classes, training, "cpu")
 
 

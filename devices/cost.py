@@ -14,14 +14,18 @@ Memory accounting of one training step (``StepCost.peak_bytes``), in bytes:
   storage, minus parameters and buffers (a saved weight is a weight, not an activation).
   All of them are alive at once at the turn from forward to backward, so the sum is the
   saved-tensor peak. An INT8 layer that saves int8 tensors counts 1 byte per element;
-- ``transient_bytes``: the largest working set of any single op of the step: the bytes of
-  the distinct storages it reads and writes that are not already counted above (e.g. a
-  frozen layer's input and output in forward, or ``grad_output`` and ``grad_input`` in
-  backward).
+- ``transient_bytes``: the largest total, over the ops of the step in execution order, of
+  the storages that are live at that op and not already counted above, where a storage
+  is live from the first op that touches it to the last (e.g. a frozen layer's input and
+  output in forward, a residual input waiting for its add, or ``grad_output`` and
+  ``grad_input`` in backward).
 
-``peak_bytes`` is their sum. It is not an allocator trace: tensors that are neither saved
-nor used by the current op but still referenced (a residual input waiting for its add)
-are not counted, and the saved part is counted at its maximum for the whole step.
+``peak_bytes`` is their sum, a conservative bound: saved activations are counted at
+their maximum (the turn from forward to backward) for the whole step, though backward
+frees them as it goes, and a storage is taken to die only after its last use. Against
+the peak resident-set growth of a real CPU step (``bench/cost_model.py``), activations +
+gradients + transient came out 12-19% above what was measured in the three cases
+measured (SmallCNN, MobileNetV2-w0.35, ResNet-18), never below.
 
 On a device with ``frozen_weights_in_storage`` (an MCU executing from memory-mapped
 Flash), frozen parameters stay in Flash and :func:`ram_needed_bytes` subtracts them.
@@ -232,6 +236,33 @@ def _depthwise(module: nn.Module | None) -> bool:
                                                                         None)
 
 
+def _live_peak(trace: StepTrace, persistent: set[int]) -> tuple[int, str]:
+    """Largest bytes of non-persistent storages live at one op, and that op's layer.
+
+    A storage is live from the first op that touches it to the last one (inclusive).
+    """
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    size: dict[int, int] = {}
+    for i, op in enumerate(trace.ops):
+        for key, nbytes in op.storages:
+            if key in persistent:
+                continue
+            first.setdefault(key, i)
+            last[key] = i
+            size[key] = max(size.get(key, 0), nbytes)
+    delta = [0] * (len(trace.ops) + 1)
+    for key, start in first.items():
+        delta[start] += size[key]
+        delta[last[key] + 1] -= size[key]
+    live, peak, where = 0, 0, ""
+    for i, op in enumerate(trace.ops):
+        live += delta[i]
+        if live > peak:
+            peak, where = live, op.layer
+    return peak, where
+
+
 def _account(
     model: nn.Module,
     trace: StepTrace,
@@ -269,7 +300,6 @@ def _account(
     persistent = persistent | set(saved) | trace.grad_keys
 
     per_layer: dict[str, list[int]] = {name: [0, 0, 0, 0, 0] for name in trace.layer_order}
-    transient, transient_layer = 0, ""
     for op in trace.ops:
         acc = per_layer[op.layer]
         if op.phase == "fwd":
@@ -278,9 +308,7 @@ def _account(
         else:
             acc[1] += op.macs
             acc[3] += op.bytes
-        working = sum(dict((k, n) for k, n in op.storages if k not in persistent).values())
-        if working > transient:
-            transient, transient_layer = working, op.layer
+    transient, transient_layer = _live_peak(trace, persistent)
     for nbytes, layer in saved.values():
         per_layer.setdefault(layer, [0, 0, 0, 0, 0])[4] += nbytes
 
@@ -421,7 +449,7 @@ def inference_cost(
 ) -> StepCost:
     """Measure one forward pass (eval mode, no grad), e.g. for a perception duty cycle.
 
-    ``peak_bytes`` is the weights plus the largest single-op working set; every weight
+    ``peak_bytes`` is the weights plus the largest live working set; every weight
     counts as frozen (``frozen_weight_bytes == weight_bytes``).
     """
     shape = _check_shape(input_shape, batch_size)
@@ -599,8 +627,8 @@ def plan_sparse_update(
     ------
     BudgetError
         If the weights do not fit storage (no plan can help), or if even training only
-        the last layer's bias does not fit; the message gives that minimum and the op
-        whose working set dominates it.
+        the last layer's bias does not fit; the message gives that minimum and the layer
+        where the live working set peaks.
     """
     budget = profile.ram_bytes if ram_budget_bytes is None else ram_budget_bytes
 
@@ -649,7 +677,7 @@ def plan_sparse_update(
         raise BudgetError(
             f"{profile.name}: no sparse update fits {format_bytes(budget)} of RAM: training "
             f"{what} needs {format_bytes(ram_needed_bytes(smallest, profile))} (full update: "
-            f"{format_bytes(full_need)}); the largest single-op working set is "
+            f"{format_bytes(full_need)}); the largest live working set is "
             f"{format_bytes(smallest.transient_bytes)} in {smallest.transient_layer!r}, and "
             f"{format_bytes(smallest.activation_bytes)} of activations are saved")
     head = weight_set(1) if fits(minimal | weight_set(1)) else set()

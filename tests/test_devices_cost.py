@@ -131,7 +131,7 @@ def test_saved_activations_of_a_hand_model() -> None:
     assert cost.fwd_macs == batch * (d_in * hidden + hidden * classes)
     assert cost.peak_bytes == (cost.weight_bytes + cost.grad_bytes + cost.optimizer_bytes
                                + cost.activation_bytes + cost.transient_bytes)
-    # the largest single-op working set: ReLU's backward reads grad_out, writes grad_in
+    # the largest live working set: ReLU's backward reads grad_out, writes grad_in
     assert cost.transient_bytes == 2 * batch * hidden * 4
     # only the second layer trains: its input is saved, x is not
     second = training_step_cost(model, (d_in,), batch, trainable=["2.weight", "2.bias"])
@@ -283,7 +283,7 @@ def test_sparse_plan_raises_with_the_minimum_when_nothing_fits() -> None:
     message = str(err.value)
     assert message.startswith("stm32f746: no sparse update fits 320 KB of RAM: training only "
                               "the bias of 'classifier.1' needs ")
-    assert "largest single-op working set" in message
+    assert "largest live working set" in message
     with pytest.raises(BudgetError, match="of storage; the device has 1 MB; no sparse"):
         plan_sparse_update(model, (3, 128, 128), 1, stm)  # FP32 weights: 1.6 MB of Flash
 
