@@ -17,6 +17,7 @@ from .codec import (
     available_codecs,
     get_codec,
 )
+from .mod import compression_mod
 from .schemes import decode_payload
 from .wire import PayloadHeader, parse_header
 
@@ -32,6 +33,7 @@ __all__ = [
     "TopKCodec",
     "UniformCodec",
     "available_codecs",
+    "compression_mod",
     "decode_payload",
     "get_codec",
     "parse_header",
