@@ -8,7 +8,7 @@ otherwise (e.g. a layer that calls ``.item()``), and observes:
 - every ATen op, through a ``TorchDispatchMode``: its MACs (the formulas of
   ``torch.utils.flop_counter``, divided by 2 since they count a MAC as 2 FLOPs), the bytes
   it reads and writes, and the storages it touches; ops are attributed to the innermost
-  ``nn.Module`` running them, forward or backward, by ``torch.utils.module_tracker``;
+  ``nn.Module`` running them, forward or backward (see ``_Layers``);
 - every tensor autograd saves for backward, through
   ``torch.autograd.graph.saved_tensors_hooks``, deduplicated by storage.
 
@@ -23,17 +23,20 @@ gradient it computes, which is exact for grouped, depthwise and transposed convo
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import conv_flop_count, flop_registry
-from torch.utils.module_tracker import ModuleTracker
 
 __all__ = ["OpRecord", "StepTrace", "trace_step"]
 
@@ -91,13 +94,71 @@ def _op_macs(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any)
     return int(formula(*args, **kwargs, out_val=out)) // 2
 
 
+class _Layers:
+    """Which layer is running: a module stack in forward, autograd nodes in backward.
+
+    Forward: global module pre/post hooks keep a stack of the copy's modules. When a
+    module's forward returns, it claims every autograd node between its outputs and its
+    inputs that no inner module claimed (post-hooks fire innermost first), so a block's
+    residual add belongs to the block and a convolution's node to the convolution.
+    Backward: ``torch._C._current_autograd_node()`` names the node being run, hence the
+    layer. Ops of no module (the loss) belong to ``LOSS_LAYER``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {id(mod): (name or ROOT_LAYER) for name, mod in model.named_modules()}
+        self.stack: list[str] = []
+        self.boundaries: list[set[Any]] = []
+        self.node_layer: dict[Any, str] = {}
+        self._handles: list[Any] = []
+
+    def current(self) -> str:
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            return self.node_layer.get(node, LOSS_LAYER)
+        return self.stack[-1] if self.stack else LOSS_LAYER
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        name = self.names.get(id(module))
+        if name is None:
+            return
+        self.stack.append(name)
+        self.boundaries.append({t.grad_fn for t in tree_flatten(args)[0]
+                                if isinstance(t, torch.Tensor) and t.grad_fn is not None})
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        name = self.names.get(id(module))
+        if name is None:
+            return
+        self.stack.pop()
+        boundary = self.boundaries.pop()
+        todo: list[Any] = [t.grad_fn for t in tree_flatten(output)[0]
+                           if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        seen: set[Any] = set()
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen or node in boundary:
+                continue
+            seen.add(node)
+            self.node_layer.setdefault(node, name)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+
+    def __enter__(self) -> _Layers:
+        self._handles = [register_module_forward_pre_hook(self._pre),
+                         register_module_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 class _Recorder(TorchDispatchMode):
     """Dispatch mode that records every non-view op and attributes it to a layer."""
 
-    def __init__(self, tracker: ModuleTracker, layer_of: Callable[[], str]) -> None:
+    def __init__(self, layers: _Layers) -> None:
         super().__init__()
-        self.tracker = tracker
-        self.layer_of = layer_of
+        self.layers = layers
         self.phase = "fwd"
         self.ops: list[OpRecord] = []
         self.keep: list[Any] = []  # hold storages so their keys are not reused
@@ -119,21 +180,10 @@ class _Recorder(TorchDispatchMode):
             storages.append(_storage_key(t))
             self.keep.append(t.untyped_storage())
         self.ops.append(
-            OpRecord(self.layer_of(), self.phase, _op_macs(func, args, kwargs, out), nbytes,
-                     storages)
+            OpRecord(self.layers.current(), self.phase, _op_macs(func, args, kwargs, out),
+                     nbytes, storages)
         )
         return out
-
-
-def _innermost(parents: Collection[str], root: str) -> str:
-    """The innermost module among the tracker's current parents, as a state-dict name."""
-    names = [p for p in parents if p != "Global"]
-    if not names:
-        return LOSS_LAYER
-    deepest = max(names, key=lambda n: (n.count("."), len(n)))
-    if deepest == root:
-        return ROOT_LAYER
-    return deepest[len(root) + 1:] if deepest.startswith(root + ".") else deepest
 
 
 def _loss(out: Any, num_classes: int | None) -> torch.Tensor:
@@ -170,25 +220,24 @@ def _run(
     for name, p in m.named_parameters():
         p.requires_grad_(training and name in trainable)
     m.train(training)
-    root = type(m).__name__
     layer_types = {name or ROOT_LAYER: type(mod).__name__ for name, mod in m.named_modules()}
     layer_types[LOSS_LAYER] = "loss"
     param_keys = {_storage_key(p)[0] for p in m.parameters()}
     buffer_keys = {_storage_key(b)[0] for b in m.buffers()}
     x = torch.randn(shape, dtype=_input_dtype(m), device=device)
     saved: dict[int, tuple[int, str]] = {}
-    tracker = ModuleTracker()
-    recorder = _Recorder(tracker, lambda: _innermost(tracker.parents, root))
+    layers = _Layers(m)
+    recorder = _Recorder(layers)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key, nbytes = _storage_key(t)
         if key not in saved:
-            saved[key] = (nbytes, _innermost(tracker.parents, root))
+            saved[key] = (nbytes, layers.current())
             recorder.keep.append(t.untyped_storage())
         return t
 
     with ExitStack() as stack:
-        stack.enter_context(tracker)
+        stack.enter_context(layers)
         stack.enter_context(recorder)
         if training:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
@@ -223,7 +272,7 @@ def trace_step(
     Tries the ``meta`` device first and falls back to the CPU if the model cannot run
     there (the CPU run keeps every storage of the step alive until it is accounted, so
     it needs about twice the step's memory). ``model`` itself is not modified (its copy
-    is). The module tracker uses global module hooks: do not run another model's forward
+    is). Layer tracking uses global module hooks: do not run another model's forward
     in another thread of the same process meanwhile.
 
     Raises

@@ -82,6 +82,12 @@ def test_backward_is_twice_forward_when_everything_trains(
         cost = training_step_cost(model, (3, 224, 224), 1)
         # dX + dW per layer, minus the first layer's dX (the input needs no gradient)
         assert 1.85 < cost.bwd_macs / cost.fwd_macs < 2.0
+        # per layer, on the right layer even across residual branches: dX + dW = 2x the
+        # forward for every conv/linear except the first (dW only); no MACs elsewhere
+        first, *rest = [layer for layer in cost.layers if layer.fwd_macs]
+        assert first.bwd_macs == first.fwd_macs
+        assert all(layer.bwd_macs == 2 * layer.fwd_macs for layer in rest)
+        assert all(layer.bwd_macs == 0 for layer in cost.layers if not layer.fwd_macs)
     # ResNet-18 has no grouped convolutions: torch's own counter must agree exactly
     rn = training_step_cost(resnet18, (3, 224, 224), 1)
     assert rn.bwd_macs == _torch_counts(resnet18, (1, 3, 224, 224))[1]
