@@ -183,9 +183,18 @@ def cost_cache_info() -> dict[str, int]:
     return {**_stats, "size": len(_cache)}
 
 
+_PLAIN = (int, float, str, bool, tuple, type(None))
+
+
 def _signature(model: nn.Module) -> str:
-    """A digest of the architecture: module tree, parameter and buffer shapes and dtypes."""
+    """A digest of the architecture: module tree (classes and their plain attributes, so a
+    custom module without ``extra_repr`` still counts), parameter and buffer shapes and
+    dtypes. Weight values do not matter to the cost, so they are not part of it."""
     parts = [type(model).__qualname__, repr(model)]
+    for name, mod in model.named_modules():
+        attrs = sorted((k, repr(v)) for k, v in vars(mod).items()
+                       if not k.startswith("_") and k != "training" and isinstance(v, _PLAIN))
+        parts.append(f"{name}:{type(mod).__module__}.{type(mod).__qualname__}:{attrs}")
     parts += [f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in model.named_parameters()]
     parts += [f"{n}:{tuple(b.shape)}:{b.dtype}" for n, b in model.named_buffers()]
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()

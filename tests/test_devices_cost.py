@@ -361,3 +361,23 @@ def test_bad_arguments_are_refused() -> None:
     cost = training_step_cost(model, (1, 8, 8), 1, dtype="fp16")
     with pytest.raises(ProfileError, match="no throughput for dtype 'fp16'"):
         step_time_s(cost, load_profile("rpi4"))
+
+
+class _Scaled(nn.Module):
+    """A custom layer whose configuration is a plain attribute, not in its repr."""
+
+    def __init__(self, repeat: int) -> None:
+        super().__init__()
+        self.repeat = repeat
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.repeat):
+            x = self.fc(x)
+        return x
+
+
+def test_cache_key_sees_plain_module_attributes() -> None:
+    once = training_step_cost(_Scaled(1), (16,), 2)
+    twice = training_step_cost(_Scaled(2), (16,), 2)
+    assert twice.fwd_macs == 2 * once.fwd_macs
