@@ -38,11 +38,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import conv_flop_count, flop_registry
 
-__all__ = ["OpRecord", "StepTrace", "trace_step"]
+__all__ = ["NumClassesMismatchError", "OpRecord", "StepTrace", "trace_step"]
 
 _aten = torch.ops.aten
 LOSS_LAYER = "(loss)"
 ROOT_LAYER = "(model)"
+
+
+class NumClassesMismatchError(ValueError):
+    """The model's logits disagree with the ``num_classes`` asked for."""
 
 
 @dataclass
@@ -194,8 +198,8 @@ def _loss(out: Any, num_classes: int | None) -> torch.Tensor:
     if out.dim() == 2 and out.is_floating_point():
         classes = out.shape[1]
         if num_classes is not None and num_classes != classes:
-            raise ValueError(f"num_classes={num_classes} but the model outputs {classes} "
-                             f"logits")
+            raise NumClassesMismatchError(f"num_classes={num_classes} but the model outputs "
+                                     f"{classes} logits")
         target = torch.randint(0, classes, (out.shape[0],), device=out.device)
         return nn.functional.cross_entropy(out, target)
     return out.float().square().mean()

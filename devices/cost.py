@@ -44,7 +44,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from devices._trace import LOSS_LAYER, ROOT_LAYER, StepTrace, iter_leaf_params, trace_step
+from devices._trace import (
+    LOSS_LAYER,
+    ROOT_LAYER,
+    NumClassesMismatchError,
+    StepTrace,
+    iter_leaf_params,
+    trace_step,
+)
 from devices.errors import BudgetError, ConfigError, ProfileError
 from devices.profiles import DeviceProfile
 from devices.units import format_bytes
@@ -152,7 +159,8 @@ class SparsePlan:
     """Which parameters to train so that a step fits the device's RAM.
 
     ``bias_layers``/``weight_layers``: how many of the last parametrized layers train
-    their biases / all their parameters. ``full`` is True when the full update fits.
+    their biases / all their parameters (all of them when ``full``, i.e. when the full
+    update fits).
     """
 
     trainable: tuple[str, ...]
@@ -394,9 +402,9 @@ def _measured(
     try:
         trace = trace_step(model, (batch_size, *input_shape), trainable,
                            num_classes=num_classes, training=kind == "training")
-    except ValueError as exc:
+    except NumClassesMismatchError as exc:
         raise ConfigError(f"num_classes: {exc}") from exc
-    except (RuntimeError, TypeError) as exc:
+    except (RuntimeError, TypeError, ValueError) as exc:
         raise ConfigError(f"input_shape {input_shape!r} (batch {batch_size}): the model "
                           f"cannot run a step on it: {exc}") from exc
     cost = _account(model, trace, kind=kind, trainable=trainable, input_shape=input_shape,
@@ -656,11 +664,6 @@ def plan_sparse_update(
                           ram_needed_bytes(cost, profile), budget,
                           cost is full, summary)
 
-    full_need = ram_needed_bytes(full, profile)
-    if full_need <= budget:
-        return plan(full, -1, -1, f"{profile.name}: the full update fits: "
-                    f"{format_bytes(full_need)} of {format_bytes(budget)} RAM")
-
     owned: dict[str, list[str]] = {}
     for layer, full_name, _ in iter_leaf_params(model):
         owned.setdefault(layer, []).append(full_name)
@@ -668,6 +671,10 @@ def plan_sparse_update(
     bias_of = {layer: [n for n in owned[layer] if n.rsplit(".", 1)[-1] == "bias"]
                for layer in layers}
     bias_layers = [layer for layer in layers if bias_of[layer]]
+    full_need = ram_needed_bytes(full, profile)
+    if full_need <= budget:
+        return plan(full, len(bias_layers), len(layers), f"{profile.name}: the full update "
+                    f"fits: {format_bytes(full_need)} of {format_bytes(budget)} RAM")
 
     def bias_set(k: int) -> set[str]:
         return {n for layer in bias_layers[len(bias_layers) - k:] for n in bias_of[layer]}

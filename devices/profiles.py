@@ -101,7 +101,7 @@ class DeviceProfile:
     frozen_weights_in_storage: bool = False
 
 
-# field name -> (kind, what is expected, required)
+# field name -> (kind, what is expected (unit in parentheses), required)
 _SCHEMA: dict[str, tuple[str, str, bool]] = {
     "name": ("name", "a non-empty string", True),
     "device_class": ("class", f"one of {list(DEVICE_CLASSES)}", True),
@@ -165,7 +165,7 @@ def _parse(data: Mapping[str, Any], label: str) -> DeviceProfile:
         elif kind == "sources":
             values[key] = _parse_sources(value, fail)
         elif not _check_value(kind, value):
-            raise fail(f"field {key!r} must be {expected}, got {value!r}")
+            raise fail(f"field {key!r} must be {expected.split(' (')[0]}, got {value!r}")
         else:
             values[key] = float(value) if kind in ("pos_num", "nonneg_num") else value
     return DeviceProfile(**values)

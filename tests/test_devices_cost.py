@@ -358,6 +358,8 @@ def test_bad_arguments_are_refused() -> None:
         training_step_cost(model, (1, 8, 8), 1, num_classes=7)
     with pytest.raises(ConfigError, match="cannot run a step"):
         training_step_cost(model, (3, 8, 8), 1)
+    with pytest.raises(ConfigError, match="cannot run a step"):  # BN needs > 1 value
+        training_step_cost(ResNet18(num_classes=10), (3, 32, 32), 1)
     cost = training_step_cost(model, (1, 8, 8), 1, dtype="fp16")
     with pytest.raises(ProfileError, match="no throughput for dtype 'fp16'"):
         step_time_s(cost, load_profile("rpi4"))

@@ -111,9 +111,9 @@ def test_profile_is_frozen_and_hashable() -> None:
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda d: d.pop("ram_bytes"), "field 'ram_bytes' is missing"),
-        (lambda d: d.update(ram_bytes=-5),
-         "field 'ram_bytes' must be a positive integer (bytes), got -5"),
+        (lambda d: d.pop("ram_bytes"),
+         "field 'ram_bytes' is missing; expected a positive integer (bytes)"),
+        (lambda d: d.update(ram_bytes=-5), "field 'ram_bytes' must be a positive integer, got -5"),
         (lambda d: d.update(ram_bytes="lots"), "field 'ram_bytes' must be a positive integer"),
         (lambda d: d.update(ram_bytes=1.5), "field 'ram_bytes' must be a positive integer"),
         (lambda d: d.update(latency_s=True), "field 'latency_s' must be a non-negative number"),
