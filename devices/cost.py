@@ -67,6 +67,7 @@ __all__ = [
     "comm_energy_j",
     "comm_time_s",
     "cost_cache_info",
+    "describe_cost",
     "estimate_training",
     "idle_energy_j",
     "inference_cost",
@@ -488,13 +489,51 @@ def _rate(profile: DeviceProfile, dtype: str) -> float:
 def step_time_s(cost: StepCost, profile: DeviceProfile) -> float:
     """Roofline time of one step: per layer and direction, ``max(MACs / MAC rate, bytes /
     bandwidth)``, summed, plus the optimizer update as memory-bound traffic."""
+    total = cost.update_bytes / profile.mem_bandwidth_bytes_per_s
+    return total + sum(_layer_times(layer, profile)[0] for layer in cost.layers)
+
+
+def _layer_times(layer: LayerCost, profile: DeviceProfile) -> tuple[float, bool]:
+    """Roofline seconds of one layer (fwd + bwd) and whether memory bounds its forward."""
     bandwidth = profile.mem_bandwidth_bytes_per_s
-    total = cost.update_bytes / bandwidth
-    for layer in cost.layers:
-        rate = _rate(profile, layer.dtype) if layer.fwd_macs or layer.bwd_macs else 1.0
-        total += max(layer.fwd_macs / rate, layer.fwd_bytes / bandwidth)
-        total += max(layer.bwd_macs / rate, layer.bwd_bytes / bandwidth)
-    return total
+    rate = _rate(profile, layer.dtype) if layer.fwd_macs or layer.bwd_macs else 1.0
+    fwd_c, fwd_m = layer.fwd_macs / rate, layer.fwd_bytes / bandwidth
+    seconds = max(fwd_c, fwd_m) + max(layer.bwd_macs / rate, layer.bwd_bytes / bandwidth)
+    return seconds, fwd_m > fwd_c
+
+
+def describe_cost(cost: StepCost, profile: DeviceProfile | None = None, *, top: int = 8) -> str:
+    """A readable summary of a step: totals, memory terms and the costliest layers.
+
+    With a profile, layers are ranked by roofline time and marked ``mem`` when memory
+    traffic bounds their forward; without one, by MACs.
+    """
+    lines = [
+        f"{cost.kind} step, batch {cost.batch_size} x {cost.input_shape}, {cost.dtype}, "
+        f"{cost.optimizer}: {cost.fwd_macs / 1e6:,.1f} M MACs forward, "
+        f"{cost.bwd_macs / 1e6:,.1f} M backward; {cost.trainable_param_count:,} of "
+        f"{cost.param_count:,} parameters train",
+        f"memory: weights {format_bytes(cost.weight_bytes)} + grads "
+        f"{format_bytes(cost.grad_bytes)} + optimizer {format_bytes(cost.optimizer_bytes)} + "
+        f"saved activations {format_bytes(cost.activation_bytes)} + transient "
+        f"{format_bytes(cost.transient_bytes)} (at {cost.transient_layer}) = peak "
+        f"{format_bytes(cost.peak_bytes)}",
+    ]
+    if profile is not None:
+        lines.append(f"on {profile.name}: {step_time_s(cost, profile) * 1e3:,.2f} ms, "
+                     f"{step_energy_j(cost, profile) * 1e3:,.3f} mJ, RAM "
+                     f"{format_bytes(ram_needed_bytes(cost, profile))} of "
+                     f"{format_bytes(profile.ram_bytes)}")
+        timed = sorted(((*_layer_times(layer, profile), layer) for layer in cost.layers),
+                       key=lambda row: -row[0])
+        for seconds, memory_bound, layer in timed[:top]:
+            lines.append(f"  {layer.name:<28} {layer.op_type:<18} {seconds * 1e3:>10.3f} ms"
+                         f"{'  mem' if memory_bound else ''}")
+    else:
+        for layer in sorted(cost.layers, key=lambda row: -(row.fwd_macs + row.bwd_macs))[:top]:
+            lines.append(f"  {layer.name:<28} {layer.op_type:<18} "
+                         f"{(layer.fwd_macs + layer.bwd_macs) / 1e6:>10.2f} M MACs")
+    return "\n".join(lines)
 
 
 def step_energy_j(cost: StepCost, profile: DeviceProfile) -> float:

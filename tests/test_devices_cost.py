@@ -24,6 +24,7 @@ from devices import (
     comm_energy_j,
     comm_time_s,
     cost_cache_info,
+    describe_cost,
     estimate_training,
     format_bytes,
     idle_energy_j,
@@ -383,3 +384,17 @@ def test_cache_key_sees_plain_module_attributes() -> None:
     once = training_step_cost(_Scaled(1), (16,), 2)
     twice = training_step_cost(_Scaled(2), (16,), 2)
     assert twice.fwd_macs == 2 * once.fwd_macs
+
+
+def test_describe_cost_names_the_terms_and_ranks_layers() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1,
+                                                                   groups=8))
+    cost = training_step_cost(model, (3, 32, 32), 4)
+    nano = load_profile("jetson-nano")
+    text = describe_cost(cost, nano, top=3)
+    assert f"peak {format_bytes(cost.peak_bytes)}" in text
+    assert "on jetson-nano:" in text
+    rows = {row.split()[0]: row for row in text.splitlines()[3:]}
+    assert set(rows) == {"0", "1", "(loss)"}
+    assert rows["1"].endswith("mem") and not rows["0"].endswith("mem")  # depthwise vs dense
+    assert "M MACs" in describe_cost(cost)
