@@ -266,3 +266,40 @@ def test_specs_parse_and_round_trip() -> None:
 def test_bad_specs_raise_config_error(spec: object, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         get_codec(spec)  # type: ignore[arg-type]
+
+
+def _sgq_code_bits(payload: bytes) -> tuple[int, int]:
+    """(code bits, codes) over the SGQ tensors of a payload, read from its group tables."""
+    import struct
+
+    from clients.codecs.sgq import _view_dims
+    from clients.codecs.wire import Scheme, parse_payload
+
+    bits = codes = 0
+    for rec in parse_payload(payload)[1]:
+        if rec.scheme != Scheme.SGQ:
+            continue
+        layout, _, g, p, groups = struct.unpack("<BBIIH", bytes(rec.body[:12]))
+        _, r, w = _view_dims(rec.shape, layout)
+        size = g * r * p * -(-w // p)
+        widths = np.frombuffer(bytes(rec.body[12 : 12 + groups]), np.uint8)
+        bits += int(widths.astype(int).sum()) * size
+        codes += groups * size
+    return bits, codes
+
+
+@pytest.mark.parametrize("bits", [2.5, 3, 4, 5.5])
+def test_sgq_model_budget_holds_and_favours_large_layers(bits: float) -> None:
+    upd = _update()
+    upd["fc.weight"] *= 100  # one layer moves far more than the others
+    model = get_codec(f"sgq:bits={bits}")
+    per_tensor = get_codec(f"sgq:bits={bits},budget=tensor")
+    pm, pt = model.encode(upd), per_tensor.encode(upd)
+    used, n = _sgq_code_bits(pm)
+    assert used <= bits * n
+    assert used >= (bits - 0.1) * n  # the budget is spent, not wasted
+    err = {}
+    for name, codec, payload in (("model", model, pm), ("tensor", per_tensor, pt)):
+        out = codec.decode(payload)
+        err[name] = sum(float(np.sum((out[k] - upd[k]) ** 2)) for k in upd if upd[k].ndim >= 2)
+    assert err["model"] < 0.5 * err["tensor"]

@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from devices.errors import ConfigError, PayloadError
 
 from . import schemes
-from .sgq import choose_layout, encode_sgq
+from .sgq import Prepared, allocate_bits, choose_layout, encode_sgq, finish_sgq, prepare_sgq
 from .wire import FLAG_ERROR_FEEDBACK, Scheme, TensorRecord, build_payload
 
 __all__ = [
@@ -171,14 +171,16 @@ class Codec(ABC):
             If a float tensor holds NaN or inf (the message names the tensor).
         """
         ef = self.error_feedback and state is not None
-        records: list[TensorRecord] = []
+        # (name, dtype, shape, float32 input with residual, same in its own dtype)
+        items: list[tuple[str, np.dtype, tuple[int, ...], NDArray[np.float32], np.ndarray]] = []
+        raw: dict[str, TensorRecord] = {}
         for name, value in tensors.items():
             arr = np.asarray(value)
             if arr.dtype.kind != "f" or arr.size == 0:
                 if arr.dtype.kind not in "fiub":
                     raise PayloadError(f"tensor '{name}' has unsupported dtype {arr.dtype}")
-                records.append(TensorRecord(name, arr.dtype, arr.shape, Scheme.RAW,
-                                            schemes.encode_raw(arr)))
+                raw[name] = TensorRecord(name, arr.dtype, arr.shape, Scheme.RAW,
+                                         schemes.encode_raw(arr))
                 continue
             x = np.ascontiguousarray(arr, dtype=np.float32)
             if not np.isfinite(x).all():
@@ -191,15 +193,28 @@ class Codec(ABC):
                 if res is not None and res.shape == x.shape:
                     x = x + res
                     arr = x.astype(dtype, copy=False)
-            scheme, body, decoded = self._encode_float(name, x, arr, ef)
+            items.append((name, dtype, arr.shape, x, arr))
+        encoded = self._encode_all([(n, x, a) for n, _, _, x, a in items], ef)
+        done: dict[str, TensorRecord] = {}
+        for (name, dtype, shape, x, _), (scheme, body, decoded) in zip(items, encoded,
+                                                                       strict=True):
             if ef:
                 assert state is not None
                 if decoded is None:
                     state.pop(name, None)
                 else:
                     state[name] = x - decoded
-            records.append(TensorRecord(name, dtype, arr.shape, scheme, body))
+            done[name] = TensorRecord(name, dtype, shape, scheme, body)
+        records = [raw[n] if n in raw else done[n] for n in tensors]
         return build_payload(self.spec, FLAG_ERROR_FEEDBACK if ef else 0, records)
+
+    def _encode_all(self, items: list[tuple[str, NDArray[np.float32], np.ndarray]],
+                    want: bool) -> list[Encoded]:
+        """Encode every float tensor of a payload; by default one at a time.
+
+        Codecs that decide across tensors (SGQ's model-wide bit budget) override this.
+        """
+        return [self._encode_float(name, x, orig, want) for name, x, orig in items]
 
     def decode(self, payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
                = None) -> dict[str, np.ndarray]:
@@ -298,7 +313,9 @@ class SGQCodec(Codec):
     stripe, ``alloc`` ``energy`` (significance) or ``uniform``, ``layout`` ``weight``
     (model updates) or ``feature`` (``(N, C, H, W)`` feature maps), ``small`` the part
     for 1-D and tiny tensors (``fp32`` exact, ``fp16`` or ``int8``), ``min_size`` the
-    smallest tensor SGQ handles, ``ef`` error feedback.
+    smallest tensor SGQ handles, ``budget`` whether the average ``bits`` holds over the
+    whole payload (``model``: groups of every tensor compete for bits, so layers whose
+    update is large get more) or per tensor (``tensor``), ``ef`` error feedback.
     """
 
     name = "sgq"
@@ -312,6 +329,7 @@ class SGQCodec(Codec):
         "layout": _Option(str, "weight", choices=("weight", "feature")),
         "small": _Option(str, "fp32", choices=("fp32", "fp16", "int8")),
         "min_size": _Option(int, 64, 1, 1 << 30),
+        "budget": _Option(str, "model", choices=("model", "tensor")),
         "ef": _Option(bool, True),
     }
 
@@ -326,21 +344,54 @@ class SGQCodec(Codec):
             raise ConfigError(f"codec 'sgq' option 'bits' must be an integer with "
                               f"alloc=uniform, got {p['bits']}")
 
+    def _is_small(self, x: NDArray[np.float32]) -> bool:
+        return x.ndim < 2 or x.size < self.params["min_size"]
+
+    def _encode_small(self, name: str, x: NDArray[np.float32], orig: np.ndarray,
+                      want: bool) -> Encoded:
+        small = self.params["small"]
+        if small == "fp16":
+            return (Scheme.FP16, *schemes.encode_fp16(name, x, want))
+        if small == "int8":
+            return (Scheme.UNIFORM, *schemes.encode_uniform(x, 8, want))
+        return Scheme.RAW, schemes.encode_raw(orig), None
+
     def _encode_float(self, name: str, x: NDArray[np.float32], orig: np.ndarray,
                       want: bool) -> Encoded:
         p = self.params
-        if x.ndim < 2 or x.size < p["min_size"]:
-            if p["small"] == "fp16":
-                return (Scheme.FP16, *schemes.encode_fp16(name, x, want))
-            if p["small"] == "int8":
-                return (Scheme.UNIFORM, *schemes.encode_uniform(x, 8, want))
-            return Scheme.RAW, schemes.encode_raw(orig), None
+        if self._is_small(x):
+            return self._encode_small(name, x, orig, want)
         body, decoded = encode_sgq(
             x, layout=choose_layout(x.shape, p["layout"]), bits=p["bits"], group=p["group"],
             stripe=p["stripe"], min_bits=p["min_bits"], max_bits=p["max_bits"],
             alloc=p["alloc"], want_decoded=want,
         )
         return Scheme.SGQ, body, decoded
+
+    def _encode_all(self, items: list[tuple[str, NDArray[np.float32], np.ndarray]],
+                    want: bool) -> list[Encoded]:
+        p = self.params
+        if p["budget"] == "tensor" or p["alloc"] == "uniform":
+            return super()._encode_all(items, want)
+        out: list[Encoded | None] = [None] * len(items)
+        preps: dict[int, Prepared] = {}
+        for i, (name, x, orig) in enumerate(items):
+            if self._is_small(x):
+                out[i] = self._encode_small(name, x, orig, want)
+            else:
+                preps[i] = prepare_sgq(x, layout=choose_layout(x.shape, p["layout"]),
+                                       group=p["group"], stripe=p["stripe"])
+        if preps:
+            energy = np.concatenate([pr.energy() for pr in preps.values()])
+            sizes = np.concatenate([np.full(pr.geometry[1], pr.group_size, np.int64)
+                                    for pr in preps.values()])
+            widths = allocate_bits(energy, p["bits"], p["min_bits"], p["max_bits"], sizes)
+            start = 0
+            for i, pr in preps.items():
+                stop = start + pr.geometry[1]
+                out[i] = (Scheme.SGQ, *finish_sgq(pr, widths[start:stop], want))
+                start = stop
+        return [e for e in out if e is not None]
 
 
 _CODECS: dict[str, type[Codec]] = {

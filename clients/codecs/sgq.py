@@ -37,8 +37,12 @@ no code; this is the most faithful version we could design. Every choice below i
    ``w_g = sum over its blocks of G*L*r**2`` (its quantized energy), and the allocation
    minimises ``sum_g w_g 4**-b_g``: the greedy / reverse water-filling solution, computed
    without a loop by taking the K cheapest of the (group, next bit) increments, where an
-   increment from b to b+1 ranks by ``b + 0.5 - log2(w_g) / 2``. High-energy groups get
-   more bits, low-energy groups fewer. ``alloc=uniform`` gives every group ``bits``.
+   increment from b to b+1 ranks by ``b + 0.5 - log2(w_g / n_g) / 2``. High-energy groups
+   get more bits, low-energy groups fewer. By default the budget holds over the whole
+   payload (``budget=model`` in the codec): the groups of all tensors compete, so the
+   layers whose update is large (typically the last ones) get more bits, which minimises
+   the error of the whole update; ``budget=tensor`` holds it per tensor.
+   ``alloc=uniform`` gives every group ``bits``.
    The budget counts code bits only; scale and table overhead is reported by the
    benchmark through the real payload size.
 5. Codes. Midrise b-bit codes (:mod:`quant`), error per value at most
@@ -68,6 +72,7 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -84,8 +89,11 @@ __all__ = [
     "LAYOUT_MATRIX",
     "allocate_bits",
     "choose_layout",
+    "Prepared",
     "decode_sgq",
     "encode_sgq",
+    "finish_sgq",
+    "prepare_sgq",
 ]
 
 LAYOUT_MATRIX = 0
@@ -137,32 +145,59 @@ def _from_view(v: NDArray[np.float32], shape: tuple[int, ...], layout: int
 
 
 def allocate_bits(weights: NDArray[np.float64], budget: float, min_bits: int = 2,
-                  max_bits: int = 8) -> NDArray[np.uint8]:
-    """Bit-widths minimising ``sum w_g 4**-b_g`` with ``mean(b) <= budget`` (greedy optimum).
+                  max_bits: int = 8, sizes: NDArray[np.int64] | None = None
+                  ) -> NDArray[np.uint8]:
+    """Bit-widths minimising ``sum w_g 4**-b_g`` with ``sum n_g b_g <= budget * sum n_g``.
+
+    Greedy reverse water-filling: start every group at ``min_bits`` and take the (group,
+    next bit) increments in order of distortion saved per bit spent, i.e. ascending
+    ``b + 0.5 - log2(w_g / n_g) / 2``, while they fit the budget, then fill the rest with
+    later increments that still fit. Increments of one group come in increasing order and
+    are taken as a prefix per group. For equal sizes this is the exact integer optimum.
 
     Parameters
     ----------
     weights : numpy.ndarray
-        Non-negative distortion weights (significance) of equally sized groups.
+        Non-negative distortion weights (significance) of the groups.
     budget : float
         Average bits per code, in ``[min_bits, max_bits]``.
     min_bits, max_bits : int
         Bounds of each group's width.
+    sizes : numpy.ndarray, optional
+        Codes per group (the cost of one more bit); equal sizes if omitted.
     """
     n = weights.size
     span = max_bits - min_bits
-    k = int(math.floor((budget - min_bits) * n + 1e-9))
-    k = min(max(k, 0), span * n)
     out = np.full(n, min_bits, dtype=np.uint8)
-    if k == 0 or span == 0:
+    if n == 0 or span == 0:
         return out
-    if k == span * n:
-        out[:] = max_bits
-        return out
-    level = 0.5 * np.log2(np.maximum(weights, 1e-300))
-    events = (np.arange(min_bits, max_bits, dtype=np.float64) + 0.5)[None, :] - level[:, None]
-    picked = np.argpartition(events.reshape(-1), k - 1)[:k]
-    out += np.bincount(picked // span, minlength=n).astype(np.uint8)
+    cost = np.ones(n, np.float64) if sizes is None else sizes.astype(np.float64)
+    allowance = (budget - min_bits) * float(cost.sum()) + 1e-9 * float(cost.max())
+    density = np.maximum(weights, 1e-300) / cost
+    events = (np.arange(min_bits, max_bits, dtype=np.float64) + 0.5)[None, :] \
+        - 0.5 * np.log2(density)[:, None]
+    order = np.argsort(events.reshape(-1), kind="stable")
+    spent = np.cumsum(np.repeat(cost, span)[order])
+    stop = int(np.searchsorted(spent, allowance, side="right"))
+    out += np.bincount(order[:stop] // span, minlength=n).astype(np.uint8)
+    left = allowance - (float(spent[stop - 1]) if stop else 0.0)
+    if stop < order.size and left >= float(cost.min()):
+        # Fill what the first misfit left with later increments that still fit (a group
+        # whose increment was skipped takes no further ones, keeping prefixes per group).
+        blocked: set[int] = set()
+        costs = cost.tolist()
+        smallest = float(cost.min())
+        for e in order[stop:].tolist():
+            grp = e // span
+            if grp in blocked:
+                continue
+            if costs[grp] <= left:
+                out[grp] += 1
+                left -= costs[grp]
+                if left < smallest:
+                    break
+            else:
+                blocked.add(grp)
     return out
 
 
@@ -214,14 +249,34 @@ def _reconstruct(q: NDArray[np.uint8], bits: NDArray[np.uint8], unsigned: NDArra
     return _from_view(np.ascontiguousarray(view3), shape, layout)
 
 
-def encode_sgq(x: NDArray[np.float32], *, layout: int, bits: float, group: int, stripe: int,
-               min_bits: int, max_bits: int, alloc: str, want_decoded: bool
-               ) -> tuple[bytes, NDArray[np.float32] | None]:
-    """Encode one float32 tensor (finite, 2+ dims, non-empty) into an SGQ body.
+@dataclass
+class Prepared:
+    """One tensor after grouping and scaling, before bit-widths are chosen."""
 
-    Returns the body and, if ``want_decoded``, the tensor the receiver will decode
-    (bitwise identical to :func:`decode_sgq` of the body), for error feedback.
-    """
+    shape: tuple[int, ...]
+    layout: int
+    geometry: tuple[int, int, int, int]  # (G, groups, P, L)
+    grouped: NDArray[np.float32]  # (groups, G, S, L)
+    labels: NDArray[np.uint8]
+    perm: NDArray[np.intp]
+    codes: NDArray[np.uint8]  # (groups, S) stripe scale codes
+    group_range: NDArray[np.float32]
+    block_range: NDArray[np.float32]  # (groups, S)
+    unsigned: NDArray[np.bool_]
+
+    @property
+    def group_size(self) -> int:
+        """Codes per group (padding included): the cost of one more bit."""
+        return int(self.grouped[0].size)
+
+    def energy(self) -> NDArray[np.float64]:
+        """Each group's significance: sum over its blocks of block size x range**2."""
+        g, _, _, length = self.geometry
+        return (self.block_range.astype(np.float64) ** 2).sum(axis=1) * (g * length)
+
+
+def prepare_sgq(x: NDArray[np.float32], *, layout: int, group: int, stripe: int) -> Prepared:
+    """View, group and scale one float32 tensor (finite, 2+ dims, non-empty)."""
     shape = x.shape
     c, r, w = _view_dims(shape, layout)
     g, groups, p, length = _geometry(c, r, w, group, stripe)
@@ -232,53 +287,77 @@ def encode_sgq(x: NDArray[np.float32], *, layout: int, bits: float, group: int, 
         padded[:, :, :w] = view
         view = padded
     view = view.reshape(c, s, length)
-    # Reductions run over long contiguous rows or across channels (fast in numpy);
-    # the short stripe axis is reduced last, on a G-times smaller array.
-    mag = np.abs(view)
-    order = np.argsort(-mag.reshape(c, -1).max(axis=1), kind="stable")
+    # Reductions run over long contiguous rows or across channels (fast in numpy); the
+    # short stripe axis is reduced last, on a G-times smaller array. No |x| pass: the
+    # absmax is max(max, -min).
+    rows = view.reshape(c, -1)
+    order = np.argsort(-np.maximum(rows.max(axis=1), -rows.min(axis=1)), kind="stable")
     labels = np.empty(c, dtype=np.uint8)
     labels[order] = (np.arange(c) // g).astype(np.uint8)
     perm = np.argsort(labels, kind="stable")
     pad = groups * g - c
     grouped = view[perm]
-    mag = mag[perm]
     if pad:
         grouped = np.concatenate([grouped, np.zeros((pad, s, length), np.float32)])
-        mag = np.concatenate([mag, np.zeros((pad, s, length), np.float32)])
     grouped = grouped.reshape(groups, g, s, length)
-    block_max = mag.reshape(groups, g, s, length).max(axis=1).max(axis=2)  # (groups, S)
+    hi = grouped.max(axis=1)  # (groups, S, L)
+    lo = grouped.min(axis=1)
+    block_max = np.maximum(hi.max(axis=2), -lo.min(axis=2))  # (groups, S)
+    unsigned = lo.reshape(groups, -1).min(axis=1) >= 0
     group_range = block_max.max(axis=1).astype(np.float32)
     codes = stripe_codes(block_max, group_range)
-    block_range = group_range[:, None] * STRIPE_TABLE[codes]
-    if alloc == "uniform":
-        widths = np.full(groups, int(round(bits)), dtype=np.uint8)
-    else:
-        energy = (block_range.astype(np.float64) ** 2).sum(axis=1) * (g * length)
-        widths = allocate_bits(energy, bits, min_bits, max_bits)
-    unsigned = grouped.reshape(groups, -1).min(axis=1) >= 0
-    per_range, shift, _ = _grid(widths, unsigned)
+    return Prepared(
+        shape=shape, layout=layout, geometry=(g, groups, p, length), grouped=grouped,
+        labels=labels, perm=perm, codes=codes, group_range=group_range,
+        block_range=group_range[:, None] * STRIPE_TABLE[codes], unsigned=unsigned,
+    )
+
+
+def finish_sgq(prep: Prepared, widths: NDArray[np.uint8], want_decoded: bool
+               ) -> tuple[bytes, NDArray[np.float32] | None]:
+    """Quantize a prepared tensor with per-group ``widths`` into an SGQ body.
+
+    Returns the body and, if ``want_decoded``, the tensor the receiver will decode
+    (bitwise identical to :func:`decode_sgq` of the body), for error feedback.
+    """
+    g, groups, p, _ = prep.geometry
+    per_range, shift, _ = _grid(widths, prep.unsigned)
     with np.errstate(divide="ignore"):
-        inv = np.where(block_range > 0, per_range[:, None] / block_range, 0).astype(np.float32)
+        inv = np.where(prep.block_range > 0, per_range[:, None] / prep.block_range, 0
+                       ).astype(np.float32)
     top = np.ldexp(np.float32(1.0), widths.astype(np.int32)).astype(np.float32) - 1
-    q = quantize_midrise(grouped, inv[:, None, :, None], shift[:, None, None, None],
+    q = quantize_midrise(prep.grouped, inv[:, None, :, None], shift[:, None, None, None],
                          top[:, None, None, None])
     flat = q.reshape(groups, -1)
     label_bits = max(1, (groups - 1).bit_length())
     parts = [
-        _HEAD.pack(layout, 0, g, p, groups),
+        _HEAD.pack(prep.layout, 0, g, p, groups),
         widths.tobytes(),
-        unsigned.astype(np.uint8).tobytes(),
-        group_range.astype("<f4").tobytes(),
-        pack_bits(labels, label_bits),
-        codes.tobytes(),
+        prep.unsigned.astype(np.uint8).tobytes(),
+        prep.group_range.astype("<f4").tobytes(),
+        pack_bits(prep.labels, label_bits),
+        prep.codes.tobytes(),
     ]
     for b in np.unique(widths):
         parts.append(pack_bits(flat[widths == b], int(b)))
     decoded = None
     if want_decoded:
-        decoded = _reconstruct(q, widths, unsigned, group_range, codes, perm, shape, layout,
-                               (g, groups, p, length))
+        decoded = _reconstruct(q, widths, prep.unsigned, prep.group_range, prep.codes,
+                               prep.perm, prep.shape, prep.layout, prep.geometry)
     return b"".join(parts), decoded
+
+
+def encode_sgq(x: NDArray[np.float32], *, layout: int, bits: float, group: int, stripe: int,
+               min_bits: int, max_bits: int, alloc: str, want_decoded: bool
+               ) -> tuple[bytes, NDArray[np.float32] | None]:
+    """Encode one tensor with its own bit budget (:func:`prepare_sgq` + :func:`finish_sgq`)."""
+    prep = prepare_sgq(x, layout=layout, group=group, stripe=stripe)
+    groups = prep.geometry[1]
+    if alloc == "uniform":
+        widths = np.full(groups, int(round(bits)), dtype=np.uint8)
+    else:
+        widths = allocate_bits(prep.energy(), bits, min_bits, max_bits)
+    return finish_sgq(prep, widths, want_decoded)
 
 
 def decode_sgq(rec: TensorRecord) -> NDArray[np.float32]:
