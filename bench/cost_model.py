@@ -7,6 +7,8 @@
    timed side by side in the same run.
 4. MobileNetV2-w0.35 (10 classes), 128x128, batch 1 on stm32f746: full FP32 update vs the
    cheapest sparse plan, and a sparse plan on a 4 MB variant of the board.
+5. Roofline vs reality on this host: a "host" profile calibrated here (one thread: FP32
+   matmul MAC/s, tensor copy bandwidth), then predicted vs measured step time.
 
 Writes bench/out/cost_model.json and prints tables. Run:
 ``.venv/bin/python bench/cost_model.py`` (about a minute on 2 cores).
@@ -165,9 +167,50 @@ def _mcu_case() -> dict[str, Any]:
     }
 
 
+def _best_of(fn: Any, repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _roofline_check() -> dict[str, Any]:
+    torch.set_num_threads(1)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    macs_per_s = 1024**3 / _best_of(lambda: a @ b)
+    src = torch.randn(32 * 1024**2)  # 128 MB
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * 4 / _best_of(lambda: dst.copy_(src))
+    host = dataclasses.replace(load_profile("rpi4"), name="host-1-thread",
+                               macs_per_s={"fp32": macs_per_s, "int8": macs_per_s},
+                               mem_bandwidth_bytes_per_s=bandwidth)
+    rows = []
+    for name, model, shape, batch in [
+        ("small_cnn", SmallCNN(3, 10, 64), (3, 32, 32), 32),
+        ("mobilenet_v2_035", MobileNetV2(0.35, num_classes=10), (3, 128, 128), 8),
+        ("resnet18", ResNet18(num_classes=10), (3, 112, 112), 8),
+    ]:
+        x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+
+        def step(model: nn.Module = model, x: torch.Tensor = x, y: torch.Tensor = y) -> None:
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+
+        measured = _best_of(step)
+        predicted = step_time_s(training_step_cost(model, shape, batch), host)
+        rows.append({"model": name, "batch": batch, "measured_s": measured,
+                     "predicted_s": predicted, "predicted_over_measured": predicted / measured})
+    return {"host_fp32_macs_per_s": macs_per_s, "host_bandwidth_bytes_per_s": bandwidth,
+            "rows": rows}
+
+
 def main() -> None:
     results: dict[str, Any] = {"macs": _macs_table(), "memory": _memory_table(),
-                               "overhead": _overhead(), "mcu": _mcu_case()}
+                               "overhead": _overhead(), "mcu": _mcu_case(),
+                               "roofline": _roofline_check()}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2))
     print(f"{'model':<18}{'fwd M':>10}{'bwd M':>10}{'bwd/fwd':>9}{'torch fwd M':>13}"
@@ -195,6 +238,13 @@ def main() -> None:
           f"{mcu['bias_only_transient_layer']})")
     print(f"plan on stm32f746: {mcu['stm32_plan']}")
     print(f"plan on a 4 MB variant: {mcu['plan_4mb_summary']}")
+    roof = results["roofline"]
+    print(f"\nhost (1 thread): {roof['host_fp32_macs_per_s'] / 1e9:.1f} G FP32 MAC/s, "
+          f"{roof['host_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    print(f"{'model':<18}{'batch':>6}{'measured ms':>13}{'roofline ms':>13}{'ratio':>7}")
+    for r in roof["rows"]:
+        print(f"{r['model']:<18}{r['batch']:>6}{r['measured_s'] * 1e3:>13.1f}"
+              f"{r['predicted_s'] * 1e3:>13.1f}{r['predicted_over_measured']:>7.2f}")
     print(f"wrote {OUT}")
 
 
