@@ -276,8 +276,9 @@ def trace_step(
     Tries the ``meta`` device first and falls back to the CPU if the model cannot run
     there (the CPU run keeps every storage of the step alive until it is accounted, so
     it needs about twice the step's memory). ``model`` itself is not modified (its copy
-    is). Layer tracking uses global module hooks: do not run another model's forward
-    in another thread of the same process meanwhile.
+    is). Layer tracking uses global module hooks, but they ignore every module except the
+    copy's, and the dispatch mode and saved-tensor hooks are thread-local, so a model
+    training in another thread meanwhile is neither recorded nor disturbed.
 
     Raises
     ------
