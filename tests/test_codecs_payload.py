@@ -160,3 +160,13 @@ def test_mutated_sealed_payloads_only_payload_error(spec: str, edits: list[tuple
     except PayloadError:
         return
     assert all(np.isfinite(v).all() for v in out.values() if v.dtype.kind == "f")
+
+
+def test_crafted_block_size_does_not_allocate_beyond_the_tensor() -> None:
+    """A sealed blockwise body claiming a 4-G block decodes from the tensor's own size."""
+    x = RNG.standard_normal((8, 8)).astype(np.float32)
+    payload = get_codec("blockwise:bits=4,block=64").encode({"t": x})
+    at = payload.index(struct.pack("<BI", 4, 64)) + 1
+    bad = payload[:at] + struct.pack("<I", 0xFFFFFFFF) + payload[at + 4:]
+    out = decode_payload(reseal(bad))["t"]  # one block either way: same values, no 4 GB
+    np.testing.assert_array_equal(out, decode_payload(payload)["t"])

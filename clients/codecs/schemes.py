@@ -51,7 +51,7 @@ __all__ = [
     "encode_uniform",
 ]
 
-DEFAULT_MAX_NUMEL = 1 << 28
+DEFAULT_MAX_NUMEL = 1 << 26
 """Largest tensor a decoder accepts (elements); guards allocation from crafted shapes."""
 
 _F32 = np.dtype("<f4")
@@ -171,10 +171,9 @@ def _decode_blockwise(rec: TensorRecord) -> NDArray[np.float32]:
     _check_scales(rec, amax)
     half, _, off = _width(bits)
     q = unpack_bits(rd.take(rd.remaining), bits, n)
-    qp = np.zeros(nb * block, np.uint8)
-    qp[:n] = q
     step = (amax / half).astype(np.float32)
-    return dequantize_midrise(qp.reshape(nb, block), step[:, None], off).reshape(-1)[:n]
+    # index the scales per value: no padded buffer, whose size a crafted block could blow up
+    return dequantize_midrise(q, step[np.arange(n) // block], off)
 
 
 # --- QSGD ---------------------------------------------------------------------------------
@@ -225,10 +224,10 @@ def _decode_qsgd(rec: TensorRecord) -> NDArray[np.float32]:
     q = unpack_bits(rd.take(rd.remaining), cb, n)
     if q.size and int(q.max()) > 2 * levels:
         raise PayloadError(f"malformed QSGD body of tensor '{rec.name}': code above 2s")
-    qp = np.full(nb * bucket, levels, np.uint8)
-    qp[:n] = q
-    return _qsgd_values(qp.reshape(nb, bucket), norm.astype(np.float32), levels
-                        ).reshape(-1)[:n]
+    out = q.astype(np.float32)
+    out -= np.float32(levels)
+    out *= (norm.astype(np.float32) / np.float32(levels))[np.arange(n) // bucket]
+    return out
 
 
 # --- SIGN ---------------------------------------------------------------------------------
