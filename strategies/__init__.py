@@ -3,3 +3,8 @@
 Lives here: deadline/straggler handling, compressed-update decoding, async buffering.
 Must not: train models, emulate devices or drive the fleet's clock.
 """
+
+from strategies.deadline import DeadlineStrategy, reply_finish_time
+from strategies.wrapper import StrategyWrapper
+
+__all__ = ["DeadlineStrategy", "StrategyWrapper", "reply_finish_time"]

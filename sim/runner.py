@@ -1,0 +1,283 @@
+"""Run an experiment end to end, or any Flower app, on tinyfleet's engine.
+
+``run_experiment`` takes a validated config, builds the fleet (profiles by the mix and the
+seed), runs the project's ServerApp and ClientApp on the engine, and writes the results
+(``sim.results``). ``run_simulation`` is a drop-in for ``flwr.simulation.run_simulation``:
+the same arguments, plus the fleet, so that a Flower user changes one import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+from devices.fleet import assign_profiles
+from sim import results
+from sim.availability import AlwaysOnline, Availability, diurnal_trace, load_trace
+from sim.config import ExperimentConfig
+from sim.engine import FleetGrid, ReplyRecord, make_slots, run_server_app
+from sim.executor import LocalExecutor, RayExecutor
+
+__all__ = ["RunResult", "run_experiment", "run_simulation"]
+
+log = logging.getLogger("tinyfleet")
+
+
+@dataclass
+class RunResult:
+    """What a run produced: per-round and per-device rows, summary, final model arrays."""
+
+    rounds: list[dict[str, Any]]
+    devices: list[dict[str, Any]]
+    summary: dict[str, Any]
+    final_arrays: Any
+    out_dir: Path | None
+    grid: FleetGrid | None = None
+
+
+def _quiet_flower(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("flwr").setLevel(level)
+
+
+def _availability(cfg: ExperimentConfig) -> Availability:
+    a = cfg.availability
+    if a.kind == "trace":
+        return load_trace(a.path, a.period_s if a.period_s else 0.0)
+    if a.kind == "diurnal":
+        return diurnal_trace(cfg.client.fleet.size, cfg.seed, period_s=a.period_s,
+                             always_on_share=a.always_on_share)
+    return AlwaysOnline()
+
+
+def _executor(client_app: ClientApp, backend: str, actors: int, address: str) -> Any:
+    if backend == "ray":
+        runtime_env = None
+        if address:
+            # Ship the project's code to other machines; no shared file system needed.
+            root = Path(__file__).resolve().parents[1]
+            runtime_env = {"working_dir": str(root),
+                           "excludes": [".venv", ".git", "results", "bench/out"]}
+        return RayExecutor(client_app, actors or None, address=address or None,
+                           runtime_env=runtime_env)
+    return LocalExecutor(client_app)
+
+
+class _Progress:
+    """A bar over rounds with the emulated clock and the latest accuracy."""
+
+    def __init__(self, total: int, run_key: str, enabled: bool) -> None:
+        self.run_key = run_key
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="round", dynamic_ncols=True)
+        self.done = 0
+
+    def __call__(self, grid: FleetGrid) -> None:
+        if self.bar is None or not grid.state.spans:
+            return
+        span = grid.state.spans[-1]
+        try:
+            rnd = int(span.group_id)
+        except ValueError:
+            return
+        evals = results.collect(self.run_key).get("eval", [])
+        acc = evals[-1]["accuracy"] if evals else float("nan")
+        if rnd > self.done:
+            self.bar.update(rnd - self.done)
+            self.done = rnd
+        self.bar.set_postfix_str(f"clock {grid.clock.now:,.1f}s acc {acc:.3f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out_dir: str | Path | None = None,
+    *,
+    progress: bool = False,
+    backend: str | None = None,
+    actors: int | None = None,
+    ray_address: str | None = None,
+    client_app: ClientApp | None = None,
+    server_app: ServerApp | None = None,
+) -> RunResult:
+    """Run ``cfg`` on tinyfleet's engine and write results to ``out_dir`` (if given)."""
+    from clients.client_app import app as default_client_app
+    from sim.server_app import app as default_server_app
+
+    _quiet_flower(False)
+    # One torch thread per task, as in every Ray actor: tiny per-device models run
+    # fastest so, and results do not depend on where a task ran.
+    torch.set_num_threads(1)
+    t_wall = time.perf_counter()
+    run_key = uuid.uuid4().hex
+    run_config = cfg.to_run_config()
+    run_config["tinyfleet.run-key"] = run_key
+    if out_dir is not None:
+        run_config["tinyfleet.out"] = str(out_dir)
+    profiles = assign_profiles(cfg.client.fleet.mix, cfg.client.fleet.size, cfg.seed)
+    slots = make_slots(profiles, cfg.seed, cfg.client.fleet.link_spread)
+    capp = client_app or default_client_app
+    executor = _executor(
+        capp,
+        backend or cfg.engine.backend,
+        cfg.engine.actors if actors is None else actors,
+        cfg.engine.ray_address if ray_address is None else ray_address,
+    )
+    bar = _Progress(cfg.rounds, run_key, progress)
+    results.publish(run_key, "start", time.time())
+    grid = FleetGrid(capp, slots, seed=cfg.seed, run_config=run_config, executor=executor,
+                     availability=_availability(cfg), on_progress=bar)
+    try:
+        run_server_app(server_app or default_server_app, grid, run_config, cfg.seed)
+    finally:
+        bar.close()
+        grid.shutdown()
+    wall_s = time.perf_counter() - t_wall
+    collected = results.collect(run_key)
+    results.clear(run_key)
+    return _finish(cfg, grid, collected, wall_s, out_dir)
+
+
+def _finish(
+    cfg: ExperimentConfig,
+    grid: FleetGrid,
+    collected: Mapping[str, list[Any]],
+    wall_s: float,
+    out_dir: str | Path | None,
+) -> RunResult:
+    devices = results.device_rows(grid.state.records)
+    evals = collected.get("eval", [])
+    rounds = results.round_rows(devices, grid.state.spans, evals)
+    final = (collected.get("final") or [None])[-1]
+    acc = [float(r["accuracy"]) for r in rounds if r["accuracy"] != ""]
+    summary: dict[str, Any] = {
+        "final_accuracy": acc[-1] if acc else None,
+        "best_accuracy": max(acc) if acc else None,
+        "rounds": cfg.rounds,
+        "emulated_time_s": grid.clock.now,
+        "wall_time_s": wall_s,
+        "energy_j": sum(float(d["energy_j"]) for d in devices),
+        "bytes_up": sum(int(d["bytes_up"]) for d in devices),
+        "bytes_down": sum(int(d["bytes_down"]) for d in devices),
+        "trainings": sum(d["message_type"] == "train" for d in devices),
+        "stragglers": sum(int(r["stragglers"]) for r in rounds),
+        "failures": sum(int(r["failures"]) for r in rounds),
+        "dropouts": sum(int(r["dropouts"]) for r in rounds),
+        "by_device_class": results.by_device_class(devices),
+        "fleet": dict(sorted(_count(d.profile.name for d in grid.slots.values()).items())),
+        "engine": {"name": "tinyfleet", "workers": grid.executor.num_workers},
+        "provenance": results.provenance(cfg.hash(), cfg.seed),
+        "config": cfg.source,
+    }
+    errors = sorted({d["error"] for d in devices if d["error"]})
+    if errors:
+        summary["errors"] = errors[:10]
+    out = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        results.write_csv(out / "rounds.csv", rounds, results.ROUND_COLUMNS)
+        results.write_csv(out / "devices.csv", devices, results.DEVICE_COLUMNS)
+        summary["plots"] = results.write_plots(out, rounds, devices)
+        if final is not None:
+            _save_model(out / "model.npz", final)
+        results.write_summary(out / "summary.json", summary)
+    return RunResult(rounds, devices, summary, final, out, grid)
+
+
+def _count(items: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i in items:
+        out[i] = out.get(i, 0) + 1
+    return out
+
+
+def _save_model(path: Path, arrays: Any) -> None:
+    np.savez(path, **{k: v.numpy() for k, v in arrays.items()})
+
+
+def run_simulation(
+    server_app: ServerApp,
+    client_app: ClientApp,
+    num_supernodes: int,
+    backend_name: str = "ray",
+    backend_config: Mapping[str, Any] | None = None,
+    enable_tf_gpu_growth: bool = False,
+    verbose_logging: bool = False,
+    run_config: Mapping[str, Any] | None = None,
+    *,
+    fleet: Mapping[str, float] | Sequence[str] | None = None,
+    seed: int = 0,
+    availability: Availability | None = None,
+    num_actors: int | None = None,
+    ray_address: str | None = None,
+) -> FleetGrid:
+    """Drop-in for ``flwr.simulation.run_simulation`` on tinyfleet's engine.
+
+    Parameters
+    ----------
+    server_app, client_app, num_supernodes, backend_name, backend_config,
+    enable_tf_gpu_growth, verbose_logging, run_config
+        As in Flower. ``backend_name`` ``"ray"`` runs the ClientApps in Ray actors
+        (``backend_config["client_resources"]["num_cpus"]`` is honoured as CPUs per actor
+        by sizing the pool); ``"local"`` runs them in this process.
+    fleet : dict or list, optional
+        A mix of profile shares (``{"rpi4": 0.5, "jetson-nano": 0.5}``) or one profile name
+        per node. Default: every node an ``rpi4``.
+    seed : int
+        Seeds node sampling (Flower's global ``random``), message ids and every task.
+    availability : Availability, optional
+        When nodes are online.
+
+    Returns
+    -------
+    FleetGrid
+        The grid after the run: its ``state.records`` is the per-message ledger and
+        ``clock.now`` the emulated time.
+    """
+    del enable_tf_gpu_growth
+    _quiet_flower(verbose_logging)
+    if isinstance(fleet, Mapping):
+        profiles = assign_profiles(fleet, num_supernodes, seed)
+    elif fleet is not None:
+        profiles = list(fleet)
+        if len(profiles) != num_supernodes:
+            raise ValueError(f"fleet: {len(profiles)} profiles for {num_supernodes} nodes")
+    else:
+        profiles = ["rpi4"] * num_supernodes
+    actors = num_actors
+    if actors is None and backend_config:
+        cpus = float(backend_config.get("client_resources", {}).get("num_cpus", 1) or 1)
+        actors = max(1, int((os.cpu_count() or 1) / cpus))
+    executor = _executor(client_app, "ray" if backend_name == "ray" else "local",
+                         actors or 0, ray_address or "")
+    grid = FleetGrid(client_app, make_slots(profiles, seed), seed=seed,
+                     run_config=dict(run_config or {}), executor=executor,
+                     availability=availability)
+    try:
+        run_server_app(server_app, grid, dict(run_config or {}), seed)
+    finally:
+        grid.shutdown()
+    return grid
+
+
+def ledger(grid: FleetGrid) -> list[ReplyRecord]:
+    """The per-message records of a finished run."""
+    return list(grid.state.records)
