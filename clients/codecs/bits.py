@@ -5,9 +5,11 @@ bits ``[b*i, b*(i+1))`` with its least significant bit first, and stream bit ``j
 ``j % 8`` of byte ``j // 8``. The stream is padded with zero bits to a whole number of
 8-code words, so ``n`` codes of ``b`` bits take ``ceil(n / 8) * b`` bytes.
 
-Packing never loops over elements in Python: widths 1, 2, 4 and 8 use byte arithmetic on
-strided views; the other widths pack 8 codes into one 64-bit little-endian word with 8
-vectorized shifts and keep its first ``b`` bytes.
+Packing never loops over elements in Python: widths 2 and 4 combine the codes held in one
+u32 / u16 lane into a byte with a few shifts and masks, width 1 is ``np.packbits``, and the
+other widths merge neighbouring lanes in a tree (pairs in u16, quads in u32, octets in u64)
+and keep the first ``b`` bytes of each 64-bit word. Lane views assume nothing about the
+host: every view is little-endian explicitly.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def _pad8(codes: NDArray[np.uint8]) -> NDArray[np.uint8]:
     if rem:
         codes = np.concatenate([codes, np.zeros(rem, dtype=np.uint8)])
     return codes
+
+
+_LANES = (("<u2", 8), ("<u4", 16), ("<u8", 32))  # (lane dtype, half-lane bits)
 
 
 def pack_bits(codes: NDArray[np.uint8], bits: int) -> bytes:
@@ -53,17 +58,24 @@ def pack_bits(codes: NDArray[np.uint8], bits: int) -> bytes:
         return flat.tobytes()
     if bits == 1:
         return np.packbits(flat, bitorder="little").tobytes()
-    if bits == 2:
-        v = flat.reshape(-1, 4)
-        return (v[:, 0] | (v[:, 1] << 2) | (v[:, 2] << 4) | (v[:, 3] << 6)).tobytes()
-    if bits == 4:
-        v = flat.reshape(-1, 2)
-        return (v[:, 0] | (v[:, 1] << 4)).tobytes()
-    v = flat.reshape(-1, 8)
-    word = v[:, 0].astype(np.uint64)
-    for i in range(1, 8):
-        word |= v[:, i].astype(np.uint64) << np.uint64(bits * i)
-    return word.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits].tobytes()
+    if bits == 2:  # 4 codes in a little-endian u32 -> one byte
+        w = flat.view("<u4")
+        return ((w & 3) | ((w >> 6) & 0xC) | ((w >> 12) & 0x30) | ((w >> 18) & 0xC0)
+                ).astype(np.uint8).tobytes()
+    if bits == 4:  # 2 codes in a u16 -> one byte
+        h = flat.view("<u2")
+        return ((h & 0x0F) | ((h >> 4) & 0xF0)).astype(np.uint8).tobytes()
+    # Merge neighbours in a tree: pairs in u16 lanes, quads in u32, octets in u64; then
+    # the first ``bits`` bytes of each little-endian u64 hold 8 codes.
+    x: np.ndarray = flat
+    width = bits
+    for dt, half in _LANES:
+        w = x.view(dt)
+        ty = w.dtype.type
+        x = (w & ty((1 << width) - 1)) | ((w >> ty(half - width))
+                                          & ty(((1 << width) - 1) << width))
+        width *= 2
+    return x.view(np.uint8).reshape(-1, 8)[:, :bits].tobytes()
 
 
 def unpack_bits(buf: bytes | memoryview, bits: int, count: int) -> NDArray[np.uint8]:
@@ -82,22 +94,21 @@ def unpack_bits(buf: bytes | memoryview, bits: int, count: int) -> NDArray[np.ui
     if bits == 1:
         return np.unpackbits(raw, bitorder="little")[:count]
     if bits == 2:
-        out = np.empty((raw.size, 4), dtype=np.uint8)
-        out[:, 0] = raw & 3
-        out[:, 1] = (raw >> 2) & 3
-        out[:, 2] = (raw >> 4) & 3
-        out[:, 3] = raw >> 6
-        return out.reshape(-1)[:count]
+        r = raw.astype("<u4")
+        return ((r & 3) | ((r & 0xC) << 6) | ((r & 0x30) << 12) | ((r & 0xC0) << 18)
+                ).view(np.uint8)[:count]
     if bits == 4:
-        out = np.empty((raw.size, 2), dtype=np.uint8)
-        out[:, 0] = raw & 15
-        out[:, 1] = raw >> 4
-        return out.reshape(-1)[:count]
+        h = raw.astype("<u2")
+        return ((h & 0x0F) | ((h & 0xF0) << 4)).view(np.uint8)[:count]
     words = np.zeros((raw.size // bits, 8), dtype=np.uint8)
     words[:, :bits] = raw.reshape(-1, bits)
-    w = words.view("<u8").reshape(-1)
-    mask = np.uint64((1 << bits) - 1)
-    out = np.empty((w.size, 8), dtype=np.uint8)
-    for i in range(8):
-        out[:, i] = (w >> np.uint64(bits * i)) & mask
-    return out.reshape(-1)[:count]
+    x: np.ndarray = words.view("<u8").reshape(-1)
+    width = 4 * bits
+    for dt, half in reversed(_LANES):  # split octets into quads, quads into pairs, ...
+        ty = x.dtype.type
+        x = (x & ty((1 << width) - 1)) | ((x << ty(half - width))
+                                          & ty(((1 << width) - 1) << half))
+        width //= 2
+        if dt != "<u2":
+            x = x.view("<u4" if dt == "<u8" else "<u2")
+    return x.view(np.uint8)[:count]
