@@ -132,7 +132,7 @@ def test_sgq_feature_layout_round_trip() -> None:
     assert _rel(out, fm) < 0.1
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", range(2, 9))
 def test_uniform_bound(bits: int) -> None:
     upd = _update()
     codec = get_codec(f"uniform:bits={bits}")
@@ -143,15 +143,16 @@ def test_uniform_bound(bits: int) -> None:
             assert np.abs(out[k] - x).max() <= amax / 2**bits + 4 * EPS * amax
 
 
-def test_blockwise_bound() -> None:
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_blockwise_bound(bits: int) -> None:
     x = (RNG.standard_normal(1000) * np.repeat(np.exp(RNG.normal(size=16)), 63)[:1000]).astype(
         np.float32)
-    codec = get_codec("blockwise:bits=4,block=64,ef=0")
+    codec = get_codec(f"blockwise:bits={bits},block=64,ef=0")
     out = codec.decode(codec.encode({"x": x.reshape(10, 100)}))["x"].reshape(-1)
     pad = np.zeros(1024, np.float32)
     pad[:1000] = x
     amax = np.repeat(np.abs(pad.reshape(16, 64)).max(axis=1), 64)[:1000]
-    assert np.all(np.abs(out - x) <= amax / 16 + 4 * EPS * amax)
+    assert np.all(np.abs(out - x) <= amax / 2**bits + 4 * EPS * amax)
 
 
 def test_fp16_fp32() -> None:

@@ -18,7 +18,9 @@ Protocol between :func:`compression_mod` (client) and
   codec. Error-feedback residuals stay in ``context.state`` (per node, across rounds).
 
 The client app in between sees plain arrays and its own config only: the marker is removed
-before it is called. Non-train messages pass through untouched.
+before it is called. Non-train messages pass through untouched. Put this mod first in
+``ClientApp(mods=[compression_mod(...), ...])`` (outermost), so that other mods (clipping,
+size logging) also see plain arrays.
 """
 
 from __future__ import annotations
