@@ -17,6 +17,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg
@@ -78,12 +79,18 @@ def _evaluate(msg: Message, ctxt: Context) -> Message:
 
 
 class _LocalGrid(Grid):
-    """Runs each message through a node's mods and client function, in process."""
+    """Runs each message through a node's mods and client function, in process.
 
-    def __init__(self, nodes: int, mods: Callable[[int], list[Mod]]) -> None:
+    With ``client_app`` set, messages go through that Flower ``ClientApp`` (its own mod
+    chaining) instead of the mods from ``mods``.
+    """
+
+    def __init__(self, nodes: int, mods: Callable[[int], list[Mod]],
+                 client_app: ClientApp | None = None) -> None:
         self.nodes = list(range(1, nodes + 1))
         self.contexts = {n: Context(1, n, {}, RecordDict(), {}) for n in self.nodes}
         self.mods = mods
+        self.client_app = client_app
         self.sent: list[Message] = []
         self.replies: list[Message] = []
 
@@ -102,7 +109,7 @@ class _LocalGrid(Grid):
                 fn = _train if m.metadata.message_type == MessageType.TRAIN else _evaluate
                 return fn(m, c)
 
-            handler: ClientAppCallable = client
+            handler: ClientAppCallable = client if self.client_app is None else self.client_app
             for mod in reversed(self.mods(node)):
                 handler = (lambda md, nxt: lambda m, c: md(m, c, nxt))(mod, handler)
             replies.append(copy.deepcopy(handler(delivered, self.contexts[node])))
@@ -306,3 +313,16 @@ def test_mod_passes_non_train_messages_and_fixed_codec() -> None:
     reply = mod(tr, ctxt, _train)
     assert reply.content[MARKER_KEY]["up"] == get_codec("uniform8").spec
     assert list(reply.content["arrays"].keys()) == [PAYLOAD_KEY]
+
+
+def test_through_a_flower_client_app_with_lossy_downlink() -> None:
+    app = ClientApp(mods=[compression_mod()])
+    app.train()(_train)
+    strategy = CompressedStrategy(_fedavg(), "sgq:bits=3", downlink="sgq:bits=3")
+    grid = _LocalGrid(4, lambda n: [], client_app=app)
+    result = strategy.start(grid, numpy_to_arrays(_initial()), num_rounds=3)
+    assert _metric(result, 3, "failures-payload") == 0
+    assert strategy.model is not None
+    for n in grid.nodes:
+        ref = arrays_to_numpy(grid.contexts[n].state.array_records[REF_KEY])
+        assert all(ref[k].tobytes() == v.tobytes() for k, v in strategy.model.items())
