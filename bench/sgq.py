@@ -8,7 +8,10 @@ for SGQ is 200 MB/s. Two updates are measured:
 
 - ``trained``: the real difference of the weights after a few SGD steps of MobileNetV2 on
   scikit-learn digits (upsampled to 32x32 RGB), so channels differ in scale as in FL;
-- ``gaussian``: i.i.d. N(0, 0.01^2) values, the worst case for channel grouping.
+- ``gaussian``: i.i.d. N(0, 0.01^2) values, the worst case for channel grouping;
+- ``features``: the paper's own case, feature maps ``(N, C, H, W)`` that a split-learning
+  device would send (three MobileNetV2 layers of the trained model, 32 digits at 96x96),
+  SGQ with ``layout=feature`` (rows of the maps as stripes).
 
 Error feedback starts from an empty residual (one round), so the error column is that of a
 single update. ``rel.err`` is over every float tensor, ``w.err`` over the conv and linear
@@ -45,6 +48,11 @@ CODECS = [
     "topk:ratio=0.01", "sgq", "sgq:bits=2", "sgq:bits=3", "sgq:bits=6", "sgq:bits=8",
     "sgq:budget=tensor", "sgq:alloc=uniform", "sgq:small=int8", "sgq:bits=2,small=int8",
 ]
+FEATURE_CODECS = [
+    "fp32", "fp16", "uniform8", "uniform4", "blockwise4-ef", "topk:ratio=0.1",
+    "sgq:layout=feature", "sgq:layout=feature,bits=2", "sgq:layout=feature,bits=3",
+    "sgq:layout=feature,alloc=uniform", "sgq:layout=weight",
+]
 
 
 def _pin_one_core() -> str:
@@ -56,17 +64,21 @@ def _pin_one_core() -> str:
     return "not pinned (no sched_setaffinity)"
 
 
-def _trained_update(steps: int, seed: int) -> dict[str, np.ndarray]:
-    """Weights after ``steps`` SGD steps minus weights before (MobileNetV2-1.0)."""
+def _digits(side: int) -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
+    digits = load_digits()
+    x = torch.tensor(digits.images[:256], dtype=torch.float32)[:, None] / 16.0
+    return F.interpolate(x, size=side, mode="bilinear").repeat(1, 3, 1, 1), \
+        torch.tensor(digits.target[:256])
+
+
+def _trained_update(steps: int, seed: int) -> tuple[dict[str, np.ndarray], MobileNetV2]:
+    """Weights after ``steps`` SGD steps minus weights before (MobileNetV2-1.0)."""
     torch.manual_seed(seed)
     model = MobileNetV2(1.0)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    digits = load_digits()
-    x = torch.tensor(digits.images[:256], dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=32, mode="bilinear").repeat(1, 3, 1, 1)
-    y = torch.tensor(digits.target[:256])
+    x, y = _digits(32)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
     for i in range(steps):
@@ -76,7 +88,26 @@ def _trained_update(steps: int, seed: int) -> dict[str, np.ndarray]:
         loss.backward()
         opt.step()
     after = model.state_dict()
-    return {k: (after[k] - before[k]).numpy() for k in before}
+    return {k: (after[k] - before[k]).numpy() for k in before}, model
+
+
+@torch.no_grad()
+def _feature_maps(model: MobileNetV2) -> dict[str, np.ndarray]:
+    """Activations a split-learning device would send: (N, C, H, W) maps of 32 digits.
+
+    ``features.0`` is a conv-BN-ReLU6 output (non-negative), ``features.3`` and
+    ``features.6`` are linear-bottleneck block outputs (signed), at a 96x96 input.
+    """
+    model.eval()
+    x, _ = _digits(96)
+    maps: dict[str, np.ndarray] = {}
+    h = x[:32]
+    layers: list[torch.nn.Module] = list(model.features.children())[:7]
+    for i, layer in enumerate(layers):
+        h = layer(h)
+        if i in (0, 3, 6):
+            maps[f"features.{i}"] = h.numpy().copy()
+    return maps
 
 
 def _gaussian_update(seed: int) -> dict[str, np.ndarray]:
@@ -134,10 +165,11 @@ def measure(update: dict[str, np.ndarray], specs: list[str], repeats: int
 
 
 def _table(title: str, rows: list[dict[str, Any]]) -> str:
-    lines = [title, f"{'codec':20s} {'bytes':>10s} {'ratio':>7s} {'rel.err':>8s} {'w.err':>7s} "
+    lines = [title, f"{'codec':34s} {'bytes':>10s} {'ratio':>7s} {'rel.err':>8s} "
+             f"{'w.err':>7s} "
              f"{'enc MB/s':>9s} {'dec MB/s':>9s} {'enc+dec':>8s} {'t/fp32':>7s}"]
     for r in rows:
-        lines.append(f"{r['codec']:20s} {r['bytes']:10d} {r['ratio']:7.2f} "
+        lines.append(f"{r['codec']:34s} {r['bytes']:10d} {r['ratio']:7.2f} "
                      f"{r['rel_l2_error']:8.4f} {r['rel_l2_error_weights']:7.4f} "
                      f"{r['encode_MBps']:9.0f} {r['decode_MBps']:9.0f} "
                      f"{r['enc_dec_MBps']:8.0f} {r['time_vs_fp32']:7.2f}")
@@ -155,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.codec_only:
         ap.error("only --codec-only is implemented; the fleet comparison needs sim's API")
-    updates = {"trained": _trained_update(args.steps, args.seed),
-               "gaussian": _gaussian_update(args.seed)}
+    trained, model = _trained_update(args.steps, args.seed)
+    updates = {"trained": trained, "gaussian": _gaussian_update(args.seed)}
+    features = _feature_maps(model)
     pinning = _pin_one_core()
     n = sum(v.size for v in updates["trained"].values())
     report: dict[str, Any] = {
@@ -170,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         report["results"][name] = rows
         print(_table(f"\n{name} update ({n / 1e6:.2f} M params, {report['fp32_bytes'] / 1e6:.1f}"
                      f" MB FP32, one core, best of {args.repeats})", rows))
+    fbytes = sum(v.nbytes for v in features.values())
+    rows = measure(features, FEATURE_CODECS, args.repeats)
+    report["results"]["features"] = rows
+    report["feature_maps"] = {k: list(v.shape) for k, v in features.items()}
+    print(_table(f"\nfeature maps {report['feature_maps']} ({fbytes / 1e6:.1f} MB FP32, one "
+                 f"core, best of {args.repeats})", rows))
     sgq = next(r for r in report["results"]["trained"] if r["codec"] == "sgq")
     report["goal_enc_dec_MBps"] = 200.0
     report["goal_met"] = bool(sgq["enc_dec_MBps"] >= 200.0)
