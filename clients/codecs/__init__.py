@@ -1,9 +1,10 @@
 """codecs: compressed model updates (SGQ and baselines), their wire format and Flower mod.
 
-Lives here: the Codec interface, get_codec, the payload format, the client-side mod.
-Must not: aggregate updates or hold server state (that is strategies.compressed).
+Lives here: the Codec interface, get_codec, the payload format, the client-side mod, the
+split-learning cut. Must not: aggregate updates or hold server state (strategies does).
 """
 
+from .boundary import CompressedBoundary
 from .codec import (
     BlockwiseCodec,
     Codec,
@@ -24,6 +25,7 @@ from .wire import PayloadHeader, parse_header
 __all__ = [
     "BlockwiseCodec",
     "Codec",
+    "CompressedBoundary",
     "FP16Codec",
     "FP32Codec",
     "PayloadHeader",
