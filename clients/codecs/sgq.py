@@ -31,13 +31,14 @@ no code; this is the most faithful version we could design. Every choice below i
    log-ratio code ``k`` with range ``A_g * 2**(-k/8) >= absmax(block)`` (see
    :func:`quant.stripe_codes`), so a block costs 8 bits of scale, not 32.
 4. Bit-widths (significance). Each group gets ``b_g`` in ``[min_bits, max_bits]``
-   (default 2..8) with the mean over groups at most ``bits`` (the average budget, may be
+   (default 2..8) with the mean over codes at most ``bits`` (the average budget, may be
    fractional). The midrise error of a block with range r and b bits has variance about
    ``r**2 4**-b / 3``, so the group's significance is its distortion weight
    ``w_g = sum over its blocks of G*L*r**2`` (its quantized energy), and the allocation
    minimises ``sum_g w_g 4**-b_g``: the greedy / reverse water-filling solution, computed
-   without a loop by taking the K cheapest of the (group, next bit) increments, where an
-   increment from b to b+1 ranks by ``b + 0.5 - log2(w_g / n_g) / 2``. High-energy groups
+   with one sort of the (group, next bit) increments, where an increment from b to b+1
+   ranks by ``b + 0.5 - log2(w_g / n_g) / 2`` (``n_g`` codes in the group, the cost of a
+   bit) and is taken while it fits the budget (:func:`allocate_bits`). High-energy groups
    get more bits, low-energy groups fewer. By default the budget holds over the whole
    payload (``budget=model`` in the codec): the groups of all tensors compete, so the
    layers whose update is large (typically the last ones) get more bits, which minimises
@@ -49,8 +50,11 @@ no code; this is the most faithful version we could design. Every choice below i
    ``range / 2**b`` (``<= 2**(1/8) * absmax(block) / 2**b``): the bounded deviation the
    paper relies on. A group with no negative value (post-ReLU feature maps) uses an
    unsigned grid instead: ``2**b`` levels on ``[0, range]`` with zero exact, error at most
-   ``range / (2 (2**b - 1))``. Codes are packed per bit-width (all groups with the same b together,
-   in group order) with :func:`bits.pack_bits`.
+   ``range / (2 (2**b - 1))``. Codes are packed per bit-width (all groups with the same
+   b together, in group order) with :func:`bits.pack_bits`.
+6. Sizes. Tensors with fewer than 2 dims or ``min_size`` values (biases, norms) go to the
+   small part, exact fp32 by default (``small=fp16`` or ``int8`` on request); non-float
+   tensors always travel exactly.
 
 Body layout (after the tensor record header of :mod:`wire`)::
 
