@@ -526,5 +526,14 @@ def run_server_app(
         run_config=dict(run_config),
     )
     grid.set_run(grid.run)
-    server_app(grid=grid, context=ctx)
+    # Flower's strategies sample nodes with the module-global ``random``, which Ray's
+    # driver threads also draw from: give them a private generator seeded from the run.
+    from flwr.serverapp.strategy import strategy_utils
+
+    saved = strategy_utils.random
+    strategy_utils.random = random.Random(seed)  # type: ignore[assignment]
+    try:
+        server_app(grid=grid, context=ctx)
+    finally:
+        strategy_utils.random = saved
     return ctx

@@ -88,8 +88,14 @@ def deserialize_context(data: bytes) -> Context:
     return context_from_proto(proto)
 
 
-def execute_task(client_app: ClientApp | Callable[..., Any], task: Task) -> TaskResult:
-    """Run one task through the ClientApp; never raises for the app's own failures."""
+def execute_task(
+    client_app: ClientApp | Callable[..., Any], task: Task, count_macs: bool = False
+) -> TaskResult:
+    """Run one task through the ClientApp; never raises for the app's own failures.
+
+    With ``count_macs`` the app runs under ``clients.mods.device_cost_mod``, which reports
+    deterministic device compute times for apps that report none.
+    """
     msg = deserialize_message(task.message)
     ctx = deserialize_context(task.context)
     # The device's copy carries its own (wall) clock; the engine restamps replies with
@@ -98,7 +104,12 @@ def execute_task(client_app: ClientApp | Callable[..., Any], task: Task) -> Task
     _seed_everything(task.seed)
     t0 = time.perf_counter()
     try:
-        reply = client_app(msg, ctx)
+        if count_macs:
+            from clients.mods import device_cost_mod
+
+            reply = device_cost_mod(msg, ctx, client_app)
+        else:
+            reply = client_app(msg, ctx)
         if not isinstance(reply, Message):
             raise TypeError(f"ClientApp returned {type(reply).__name__}, expected a Message")
     except Exception as exc:  # the app's failure is the node's error reply
@@ -113,13 +124,14 @@ def execute_task(client_app: ClientApp | Callable[..., Any], task: Task) -> Task
 class LocalExecutor:
     """Run tasks one after the other in the calling process (deterministic, no start-up)."""
 
-    def __init__(self, client_app: ClientApp) -> None:
+    def __init__(self, client_app: ClientApp, count_macs: bool = False) -> None:
         self.client_app = client_app
+        self.count_macs = count_macs
         self.num_workers = 1
 
     def run(self, tasks: Sequence[Task]) -> list[TaskResult]:
         """Execute ``tasks`` and return their results in the same order."""
-        return [execute_task(self.client_app, t) for t in tasks]
+        return [execute_task(self.client_app, t, self.count_macs) for t in tasks]
 
     def shutdown(self) -> None:
         """Nothing to release."""
@@ -128,13 +140,16 @@ class LocalExecutor:
 class _Worker:
     """The body of a Ray actor: one ClientApp kept loaded across calls."""
 
-    def __init__(self, client_app: ClientApp, threads: int, env: dict[str, str]) -> None:
+    def __init__(
+        self, client_app: ClientApp, threads: int, env: dict[str, str], count_macs: bool
+    ) -> None:
         os.environ.update(env)
         torch.set_num_threads(threads)
         self.client_app = client_app
+        self.count_macs = count_macs
 
     def run(self, tasks: list[Task]) -> list[TaskResult]:
-        return [execute_task(self.client_app, t) for t in tasks]
+        return [execute_task(self.client_app, t, self.count_macs) for t in tasks]
 
     def ping(self) -> int:
         return os.getpid()
@@ -167,6 +182,7 @@ class RayExecutor:
         runtime_env: dict[str, Any] | None = None,
         threads_per_actor: int = 1,
         batch_size: int = 0,
+        count_macs: bool = False,
     ) -> None:
         import ray
 
@@ -191,10 +207,13 @@ class RayExecutor:
         self._remote = remote
         self._env = env
         self._threads = threads_per_actor
-        self.actors = [remote.remote(client_app, threads_per_actor, env)
-                       for _ in range(self.num_workers)]
+        self.count_macs = count_macs
+        self.actors = [self._new_actor() for _ in range(self.num_workers)]
         ray.get([a.ping.remote() for a in self.actors])
         self.replaced = 0
+
+    def _new_actor(self) -> Any:
+        return self._remote.remote(self._client_app, self._threads, self._env, self.count_macs)
 
     def _chunks(self, tasks: Sequence[Task]) -> list[list[Task]]:
         size = self.batch_size or max(1, -(-len(tasks) // (2 * self.num_workers)))
@@ -222,9 +241,7 @@ class RayExecutor:
                 try:
                     results[c] = ray.get(ref)
                 except ray.exceptions.RayActorError:
-                    self.actors[a] = self._remote.remote(
-                        self._client_app, self._threads, self._env
-                    )
+                    self.actors[a] = self._new_actor()
                     self.replaced += 1
                     pending.append(c)
                 free.append(a)

@@ -61,7 +61,9 @@ def _availability(cfg: ExperimentConfig) -> Availability:
     return AlwaysOnline()
 
 
-def _executor(client_app: ClientApp, backend: str, actors: int, address: str) -> Any:
+def _executor(
+    client_app: ClientApp, backend: str, actors: int, address: str, count_macs: bool = False
+) -> Any:
     if backend == "ray":
         runtime_env = None
         if address:
@@ -70,8 +72,8 @@ def _executor(client_app: ClientApp, backend: str, actors: int, address: str) ->
             runtime_env = {"working_dir": str(root),
                            "excludes": [".venv", ".git", "results", "bench/out"]}
         return RayExecutor(client_app, actors or None, address=address or None,
-                           runtime_env=runtime_env)
-    return LocalExecutor(client_app)
+                           runtime_env=runtime_env, count_macs=count_macs)
+    return LocalExecutor(client_app, count_macs=count_macs)
 
 
 class _Progress:
@@ -228,6 +230,7 @@ def run_simulation(
     availability: Availability | None = None,
     num_actors: int | None = None,
     ray_address: str | None = None,
+    count_macs: bool = False,
 ) -> FleetGrid:
     """Drop-in for ``flwr.simulation.run_simulation`` on tinyfleet's engine.
 
@@ -245,6 +248,9 @@ def run_simulation(
         Seeds node sampling (Flower's global ``random``), message ids and every task.
     availability : Availability, optional
         When nodes are online.
+    count_macs : bool
+        Run the app under ``clients.mods.device_cost_mod``: device compute times from the
+        MACs the app really executes (deterministic) instead of scaled host time.
 
     Returns
     -------
@@ -266,8 +272,9 @@ def run_simulation(
     if actors is None and backend_config:
         cpus = float(backend_config.get("client_resources", {}).get("num_cpus", 1) or 1)
         actors = max(1, int((os.cpu_count() or 1) / cpus))
+    torch.set_num_threads(1)
     executor = _executor(client_app, "ray" if backend_name == "ray" else "local",
-                         actors or 0, ray_address or "")
+                         actors or 0, ray_address or "", count_macs)
     grid = FleetGrid(client_app, make_slots(profiles, seed), seed=seed,
                      run_config=dict(run_config or {}), executor=executor,
                      availability=availability)

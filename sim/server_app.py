@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from clients.client_app import build_training_model, fleet_data
-from clients.spec import unflatten
+from clients.spec import expand_run_config, unflatten
 from clients.training import evaluate_model
 from sim import results
 from sim.config import ExperimentConfig, from_doc
@@ -39,7 +39,7 @@ _RUNNER_KEYS = "tinyfleet"
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     """The experiment a run config carries (runner-only ``tinyfleet.*`` keys dropped)."""
-    doc = unflatten({k: v for k, v in run_config.items()
+    doc = unflatten({k: v for k, v in expand_run_config(run_config).items()
                      if not k.startswith(_RUNNER_KEYS + ".")})
     return from_doc(doc)
 
