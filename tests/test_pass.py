@@ -14,14 +14,16 @@ from clients.pass_skip import (
     PatchConv,
     PerceptionNet,
     StridedMaxPool2d,
-    gather_windows,
+    gather_cells,
     gumbel_gate,
+    mask_table,
     pad_map,
     plan_block,
     prepare,
-    put_patches,
-    take_patches,
+    put_cells,
+    to_pixel_major,
     train_gates,
+    window_table,
 )
 from devices.errors import ConfigError, DataError
 
@@ -30,7 +32,9 @@ torch.manual_seed(0)
 
 def _net() -> PerceptionNet:
     torch.manual_seed(1)
-    return PerceptionNet(in_channels=1, width=8).eval()
+    # Channels-last, like the prepared copy, so the full model is the same computation.
+    net = PerceptionNet(in_channels=1, width=8).eval()
+    return net.to(memory_format=torch.channels_last)  # type: ignore[call-overload,no-any-return]
 
 
 def _frames(t: int = 6, size: int = 32) -> torch.Tensor:
@@ -62,19 +66,32 @@ def test_plan_sums_the_halo_of_a_block() -> None:
     assert (pooled.in_patch, pooled.in_window, pooled.in_halo, pooled.stride) == (8, 12, 2, 2)
 
 
-def test_gather_take_put_agree_with_slicing() -> None:
+def test_gather_and_put_agree_with_slicing() -> None:
     x = torch.randn(1, 3, 16, 16)
-    rows, cols = torch.tensor([0, 1, 3]), torch.tensor([2, 0, 3])
+    cells = torch.tensor([2, 4, 15])  # (0, 2), (1, 0), (3, 3) on a 4x4 grid
     padded = pad_map(x, 4, 8, 2)
-    w = gather_windows(padded, rows, cols, 4, 8)
-    for k, (i, j) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
+    table = window_table((4, 4), 4, 8, 0, padded.shape[3])
+    w = gather_cells(padded, table, cells, 8)
+    assert w.is_contiguous(memory_format=torch.channels_last)
+    for k, (i, j) in enumerate([(0, 2), (1, 0), (3, 3)]):
         assert torch.equal(w[k], padded[0, :, 4 * i : 4 * i + 8, 4 * j : 4 * j + 8])
-    patches = take_patches(x, rows, cols, 4)
-    y = torch.zeros(1, 5, 18, 18)  # a view inside a bordered buffer, as the executor uses
-    view = y[:, 1:4, 1:17, 1:17]
-    put_patches(view, patches, rows, cols)
-    assert torch.equal(take_patches(view, rows, cols, 4), patches)
-    assert float(y.abs().sum()) == pytest.approx(float(patches.abs().sum()))
+    bare = gather_cells(padded, window_table((4, 4), 4, 4, 2, padded.shape[3]), cells, 4)
+    assert torch.equal(bare[1], x[0, :, 4:8, 0:4])
+    buf = to_pixel_major(torch.zeros(1, 3, 18, 18))  # a bordered buffer, border 1
+    put_table = window_table((4, 4), 4, 4, 1, 18)
+    put_cells(buf, put_table, cells, bare)
+    workspace = torch.empty(100, 3)
+    assert torch.equal(gather_cells(buf, put_table, cells, 4, workspace), bare)
+    assert float(buf.abs().sum()) == pytest.approx(float(bare.abs().sum()))
+    assert torch.equal(buf[0, :, 13:17, 13:17], x[0, :, 12:16, 12:16])
+
+
+def test_mask_table_marks_the_outside_of_border_windows() -> None:
+    masks, border = mask_table((3, 3), 4, 8, 2, 12, 12)
+    assert border.tolist() == [True] * 4 + [False] + [True] * 4
+    centre, corner = masks[4, 0], masks[0, 0]
+    assert bool((centre == 1).all())
+    assert corner[:2].sum() == 0 and corner[:, :2].sum() == 0 and corner[2:, 2:].min() == 1
 
 
 def test_strided_max_pool_matches_max_pool() -> None:
@@ -114,6 +131,21 @@ def test_border_masking_for_a_strided_block_with_batch_norm() -> None:
             assert torch.allclose(out, block(x[t : t + 1]), atol=1e-5, rtol=0)
 
 
+def test_dense_fallback_runs_the_whole_block_exactly() -> None:
+    net, frames = _net(), _frames(3)
+    pm = prepare(net, patch=8, threshold=-1.0, dense_above=0.5)  # every patch chosen
+    patch_calls: list[int] = []
+    for m in pm.modules():
+        if isinstance(m, PatchConv):
+            m.register_forward_hook(lambda _m, inp, _o: patch_calls.append(1))
+    for t in range(3):
+        out = pm(frames[t])
+        with torch.no_grad():
+            assert torch.allclose(out, net(frames[t : t + 1]), atol=1e-6, rtol=0)
+    assert patch_calls == []
+    assert pm.executed_macs == pm.full_macs + pm.gate_macs
+
+
 def test_unchanged_frame_is_reused_exactly_and_nothing_runs() -> None:
     net, frames = _net(), _frames()
     pm = prepare(net, patch=8, threshold=0.0)
@@ -133,7 +165,8 @@ def test_unchanged_frame_is_reused_exactly_and_nothing_runs() -> None:
 def test_computed_patches_equal_full_computation_and_skipped_ones_keep_the_cache() -> None:
     torch.manual_seed(4)
     block = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
-    pm = prepare(block, patch=8, threshold=0.0)
+    block.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    pm = prepare(block, patch=8, threshold=0.0, halo_aware=False)
     a = torch.rand(1, 32, 32)
     b = a.clone()
     b[:, 9:14, 18:30] += 0.5  # touches patches (1, 2) and (1, 3)
@@ -160,11 +193,33 @@ def test_computed_patches_equal_full_computation_and_skipped_ones_keep_the_cache
     assert pm.patch_blocks[0].gate_macs == 32 * 32  # one pass over the 1-channel input
 
 
+def _walking_square(t: int = 10) -> torch.Tensor:
+    frames = _frames(1, size=64).repeat(t, 1, 1, 1)
+    for k in range(1, t):  # a 6x6 square walks right and down; the rest is still
+        frames[k, :, 4 + k : 10 + k, 2 * k : 2 * k + 6] = 1.0
+    return frames
+
+
+def test_halo_aware_threshold_zero_is_exact_on_a_moving_object() -> None:
+    net, frames = _net(), _walking_square()
+    exact = prepare(net, patch=8, threshold=0.0, keyframe_every=0)
+    literal = prepare(net, patch=8, threshold=0.0, keyframe_every=0, halo_aware=False)
+    errors = []
+    for t in range(len(frames)):
+        with torch.no_grad():
+            ref = _block_outputs(net, frames[t])
+        exact(frames[t])
+        literal(frames[t])
+        for got, want in zip(_pass_outputs(exact), ref, strict=True):
+            assert torch.allclose(got, want, atol=1e-5, rtol=0)
+        stale = zip(_pass_outputs(literal), ref, strict=True)
+        errors.append(max(float((g - w).abs().max()) for g, w in stale))
+    assert exact.executed_patches < 0.4 * exact.total_patches  # and still skips
+    assert max(errors) > 1e-3  # the patch-only gate leaves stale halo bands
+
+
 def test_skipped_work_is_not_executed() -> None:
-    net = _net()
-    frames = _frames(1).repeat(8, 1, 1, 1)
-    for t in range(1, 8):  # a 6x6 square walks to the right; the rest is still
-        frames[t, :, 4:10, 3 * t : 3 * t + 6] = 1.0
+    net, frames = _net(), _walking_square(8)
     pm = prepare(net, patch=8, threshold=1e-4, keyframe_every=0)
     pm(frames[0])  # the key frame
     patch_batches: dict[int, list[int]] = defaultdict(list)
@@ -184,7 +239,7 @@ def test_skipped_work_is_not_executed() -> None:
         cells = blk.grid[0] * blk.grid[1]
         gated = blk.executed_patches - cells
         assert sum(patch_batches[b]) == gated
-        assert 0 < gated < 7 * cells / 2
+        assert 0 < gated < 7 * cells / 3
         assert blk.executed_macs == (
             blk.full_macs_per_frame + blk.gate_macs + gated * blk.plan.patch_macs()
         )

@@ -23,14 +23,20 @@ from clients.pass_skip.geometry import (
 )
 from clients.pass_skip.model import PassModel, prepare
 from clients.pass_skip.patches import (
-    border_mask,
-    gather_windows,
-    grid_indices,
+    chosen_cells,
+    gather_cells,
+    mask_table,
     pad_map,
-    put_patches,
-    take_patches,
+    put_cells,
+    to_pixel_major,
+    window_table,
 )
-from clients.pass_skip.perception import GlobalAvgMaxPool, PerceptionNet, StridedMaxPool2d
+from clients.pass_skip.perception import (
+    GlobalAvgMaxPool,
+    PerceptionNet,
+    StridedMaxPool2d,
+    fold_batch_norm,
+)
 from clients.pass_skip.training import train_gates, train_perception
 
 __all__ = [
@@ -48,18 +54,20 @@ __all__ = [
     "PerceptionNet",
     "StridedMaxPool2d",
     "ThresholdGate",
-    "border_mask",
+    "chosen_cells",
     "conv_macs",
-    "gather_windows",
-    "grid_indices",
+    "fold_batch_norm",
+    "gather_cells",
+    "mask_table",
     "gumbel_gate",
     "layer_spec",
     "patch_mean_abs_diff",
     "plan_block",
     "prepare",
     "pad_map",
-    "put_patches",
-    "take_patches",
+    "put_cells",
+    "to_pixel_major",
+    "window_table",
     "train_gates",
     "train_perception",
 ]

@@ -29,11 +29,11 @@ from torch import nn
 from clients.pass_skip.gates import PatchGate
 from clients.pass_skip.geometry import BlockPlan, conv_macs, layer_spec, plan_block
 from clients.pass_skip.patches import (
-    border_mask,
-    gather_windows,
-    grid_indices,
-    put_patches,
-    take_patches,
+    chosen_cells,
+    gather_cells,
+    mask_table,
+    put_cells,
+    window_table,
 )
 from devices.errors import ConfigError, DataError
 
@@ -42,12 +42,16 @@ __all__ = ["PatchBlock", "PatchConv", "Change", "block_stride"]
 
 @dataclass
 class Change:
-    """Cells of a map rewritten this frame: grid indices (n,) and old/new patches."""
+    """Cells of a map rewritten this frame: flat cell indices (n,) and old/new patches.
 
-    rows: torch.Tensor
-    cols: torch.Tensor
+    After a dense run every cell was rewritten; ``old_map`` then holds the whole previous
+    map instead of per-patch copies (``old`` and ``new`` are empty).
+    """
+
+    cells: torch.Tensor
     old: torch.Tensor
     new: torch.Tensor
+    old_map: torch.Tensor | None = None
 
 
 class PatchConv(nn.Module):
@@ -82,6 +86,10 @@ class PatchBlock(nn.Module):
         Per-patch ``cell_features`` and grid-wide ``decide`` (compute where logit > 0).
     in_patch : int
         Patch side at the block's input; a multiple of the block's total stride.
+    dense_above : float
+        When the gate chooses more than this share of the patches, run the block on the
+        whole map instead (computing every patch, which is exact, and on this CPU cheaper
+        than gathering most of the map with halos); 1.0 never does.
 
     Raises
     ------
@@ -89,7 +97,9 @@ class PatchBlock(nn.Module):
         If a layer cannot be cut into patches or the patch does not fit the stride.
     """
 
-    def __init__(self, block: nn.Sequential, gate: PatchGate, in_patch: int) -> None:
+    def __init__(
+        self, block: nn.Sequential, gate: PatchGate, in_patch: int, dense_above: float = 1.0
+    ) -> None:
         super().__init__()
         specs = [layer_spec(m) for m in block]
         stride = block_stride(block)
@@ -98,8 +108,11 @@ class PatchBlock(nn.Module):
                 f"pass.patch: patch side {in_patch} at a block input is not a multiple of "
                 f"the block's stride {stride}"
             )
+        if not 0.0 <= dense_above <= 1.0:
+            raise ConfigError(f"pass.dense_above: expected a share in [0, 1], got {dense_above}")
         self.block = block
         self.gate: PatchGate = gate
+        self.dense_above = float(dense_above)
         self.plan: BlockPlan = plan_block(specs, in_patch // stride)
         self.patch_layers = nn.ModuleList(
             [PatchConv(m) if isinstance(m, nn.Conv2d) else m for m in block]
@@ -138,13 +151,21 @@ class PatchBlock(nn.Module):
         """The block's current input (1, C, H, W), a view into its bordered buffer."""
         return self._x
 
-    def bind(self, in_shape: tuple[int, int, int], out: torch.Tensor, track_prev: bool) -> None:
+    @property
+    def input_buffer(self) -> tuple[torch.Tensor, int]:
+        """The bordered (channels-last) input buffer and the width of its top/left border."""
+        return self._buf, self.plan.in_halo
+
+    def bind(
+        self, in_shape: tuple[int, int, int], out: tuple[torch.Tensor, int], track_prev: bool
+    ) -> None:
         """Allocate the buffers for inputs of ``in_shape`` (C, H, W).
 
         Parameters
         ----------
-        out : torch.Tensor
-            (1, C', H', W') view the block writes its output into (the next block's input).
+        out : (torch.Tensor, int)
+            The channels-last buffer the block writes its output into (the next block's
+            bordered input buffer) and the width of its top/left border.
         track_prev : bool
             Keep a copy of the previous input (no ``Change`` will be handed in).
         """
@@ -156,10 +177,27 @@ class PatchBlock(nn.Module):
         gh, gw = h // p, w // p
         self._grid = (gh, gw)
         halo, right = self.plan.in_halo, max(self.plan.in_window - p - self.plan.in_halo, 0)
-        self._buf = torch.zeros(1, c, h + halo + right, w + halo + right)
+        cl = torch.channels_last
+        self._buf = torch.zeros(1, c, h + halo + right, w + halo + right).to(memory_format=cl)
         self._x = self._buf[:, :, halo : halo + h, halo : halo + w]
-        self._out = out
-        self._prev = torch.zeros(1, c, h, w) if track_prev else None
+        self._out_buf, self._out_off = out
+        ho, wo = gh * self.plan.out_patch, gw * self.plan.out_patch
+        off = self._out_off
+        self._out = self._out_buf[:, :, off : off + ho, off : off + wo]
+        self._prev = torch.zeros(1, c, h, w).to(memory_format=cl) if track_prev else None
+        plan = self.plan
+        win, po, co = plan.in_window, plan.out_patch, self._out_buf.shape[1]
+        self._ws_in = torch.empty(gh * gw * win * win, c)
+        self._ws_old = torch.empty(gh * gw * po * po, co)
+        self._in_table = window_table((gh, gw), p, win, 0, self._buf.shape[3])
+        self._out_table = window_table((gh, gw), po, po, self._out_off, self._out_buf.shape[3])
+        self._masks = {
+            i: mask_table(
+                (gh, gw), lp.in_patch, lp.in_window, lp.in_halo, gh * lp.in_patch, gw * lp.in_patch
+            )
+            for i, lp in enumerate(plan.layers)
+            if i in self._masked
+        }
         self.full_macs_per_frame = sum(
             conv_macs(
                 lp.spec, gh * (lp.in_patch // lp.spec.stride), gw * (lp.in_patch // lp.spec.stride)
@@ -170,25 +208,13 @@ class PatchBlock(nn.Module):
         self._ready = False
 
     # -- execution ---------------------------------------------------------------------
-    def run_patches(
-        self, windows: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-    ) -> torch.Tensor:
+    def run_patches(self, windows: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Run the block on gathered windows (n, C, w, w) -> output patches (n, C', p, p)."""
-        gh, gw = self._grid
         h = windows
-        for i, (lp, layer) in enumerate(zip(self.plan.layers, self.patch_layers, strict=True)):
-            if i in self._masked:
-                mask = border_mask(
-                    rows,
-                    cols,
-                    lp.in_patch,
-                    lp.in_window,
-                    lp.in_halo,
-                    gh * lp.in_patch,
-                    gw * lp.in_patch,
-                )
-                if mask is not None:
-                    h = h * mask
+        for i, layer in enumerate(self.patch_layers):
+            masks = self._masks.get(i)
+            if masks is not None and bool(masks[1].index_select(0, cells).any()):
+                h = h * masks[0].index_select(0, cells)
             h = layer(h)
         return h
 
@@ -204,7 +230,7 @@ class PatchBlock(nn.Module):
                 "use 'same'-style padding"
             )
         self._out.copy_(out)
-        self._static = self.gate.cell_features(x, x)
+        self._static = self.gate.static_features(x).contiguous()
         if self._prev is not None:
             self._prev.copy_(x)
         self._ready = True
@@ -232,36 +258,52 @@ class PatchBlock(nn.Module):
             raise ConfigError("pass: a block must see a key frame before a gated frame")
         gh, gw = self._grid
         gate = self.gate
-        if change is None:
-            if self._prev is None:
+        if change is None or change.old_map is not None:
+            if change is not None and change.old_map is not None:
+                previous = change.old_map
+            elif self._prev is not None:
+                previous = self._prev
+            else:
                 raise ConfigError("pass: block without a change record needs track_prev=True")
-            features = gate.cell_features(self._x, self._prev)
-            self._static = gate.cell_features(self._x, self._x)
-            self._prev.copy_(self._x)
+            features = gate.cell_features(self._x, previous).contiguous()
+            self._static = gate.static_features(self._x).contiguous()
+            if self._prev is not None:
+                self._prev.copy_(self._x)
             featured = gh * gw
         else:
-            features = self._static.clone()
-            featured = int(change.rows.numel())
+            features = self._static.clone(memory_format=torch.contiguous_format)
+            featured = int(change.cells.numel())
             if featured:
-                dyn = gate.cell_features(change.new, change.old)[:, :, 0, 0]
-                still = gate.cell_features(change.new, change.new)[:, :, 0, 0]
-                features[0][:, change.rows, change.cols] = dyn.t()
-                self._static[0][:, change.rows, change.cols] = still.t()
-        decision = gate.decide(features)[0, 0] > 0
-        rows, cols = grid_indices(decision)
-        n = int(rows.numel())
+                dyn = gate.cell_features(change.new, change.old)
+                still = gate.static_features(change.new)
+                features.view(-1, gh * gw)[:, change.cells] = dyn.reshape(featured, -1).t()
+                self._static.view(-1, gh * gw)[:, change.cells] = still.reshape(featured, -1).t()
+        cells = chosen_cells(gate.decide(features) > 0)
+        n = int(cells.numel())
         gate_macs = int(gate.macs(self._shape[0] if self._shape else 0, featured, gh * gw))
         self.gate_macs += gate_macs
-        self.executed_macs += gate_macs + n * self.plan.patch_macs()
-        self.executed_patches += n
         self.total_patches += gh * gw
         self.full_macs += self.full_macs_per_frame
         po = self.plan.out_patch
+        if n > self.dense_above * gh * gw:
+            return self._dense(gate_macs)
+        self.executed_macs += gate_macs + n * self.plan.patch_macs()
+        self.executed_patches += n
         if n == 0:
             empty = self._out.new_zeros((0, self._out.shape[1], po, po))
-            return Change(rows, cols, empty, empty)
-        windows = gather_windows(self._buf, rows, cols, self.plan.in_patch, self.plan.in_window)
-        new = self.run_patches(windows, rows, cols)
-        old = take_patches(self._out, rows, cols, po)
-        put_patches(self._out, new, rows, cols)
-        return Change(rows, cols, old, new)
+            return Change(cells, empty, empty)
+        windows = gather_cells(self._buf, self._in_table, cells, self.plan.in_window, self._ws_in)
+        new = self.run_patches(windows, cells)
+        old = gather_cells(self._out_buf, self._out_table, cells, po, self._ws_old)
+        put_cells(self._out_buf, self._out_table, cells, new)
+        return Change(cells, old, new)
+
+    def _dense(self, gate_macs: int) -> Change:
+        """Run the block on the whole map (most patches chosen); report every cell."""
+        gh, gw = self._grid
+        old_map = self._out.clone(memory_format=torch.channels_last)
+        self._out.copy_(self.block(self._x))
+        self.executed_macs += gate_macs + self.full_macs_per_frame
+        self.executed_patches += gh * gw
+        empty = old_map.new_zeros((0,))
+        return Change(torch.arange(gh * gw), empty, empty, old_map)

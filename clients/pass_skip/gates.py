@@ -52,6 +52,10 @@ class PatchGate(nn.Module):
         """Per-patch features (N, F, gh, gw), each from its own patch of x and prev."""
         raise NotImplementedError
 
+    def static_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of patches that did not change (x == prev)."""
+        return self.cell_features(x, x)
+
     def decide(self, features: torch.Tensor) -> torch.Tensor:
         """Per-patch logits (N, 1, gh, gw) from the feature grid; compute where > 0."""
         raise NotImplementedError
@@ -68,25 +72,44 @@ class PatchGate(nn.Module):
 class ThresholdGate(PatchGate):
     """Compute a patch when its mean absolute change exceeds ``tau``.
 
+    With ``reach`` = 0 this is the literal baseline: a patch looks at itself only. But a
+    change also reaches the outputs of neighbouring patches through the block's
+    receptive-field halo, so a patch-only gate leaves stale bands (ghosts of a moved or
+    switched object) in its neighbours until the next key frame. With ``reach`` = r a
+    patch is computed when it or any patch within r cells changed by more than ``tau``
+    (``prepare`` sets r = ceil(halo / patch), 1 for every block of PerceptionNet); with
+    tau = 0 that makes the skipping exact.
+
     Parameters
     ----------
     patch : int
         Patch side at the block's input.
     tau : float
         Threshold on the mean |x_t - x_{t-1}| over the patch and channels.
+    reach : int
+        Neighbourhood (in cells) whose change also triggers a patch.
     """
 
-    def __init__(self, patch: int, tau: float) -> None:
+    def __init__(self, patch: int, tau: float, reach: int = 0) -> None:
         super().__init__()
         self.patch = patch
         self.tau = float(tau)
+        self.reach = int(reach)
 
     def cell_features(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """Per-patch features (N, 1, gh, gw): the mean absolute change."""
         return patch_mean_abs_diff(x, prev, self.patch)
 
+    def static_features(self, x: torch.Tensor) -> torch.Tensor:
+        """An unchanged patch has no change: zeros (without a pass over x)."""
+        n, _, h, w = x.shape
+        return x.new_zeros((n, 1, h // self.patch, w // self.patch))
+
     def decide(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits (N, 1, gh, gw): mean change minus tau."""
+        """Logits (N, 1, gh, gw): (largest) mean change within reach minus tau."""
+        if self.reach > 0:
+            r = self.reach
+            features = F.max_pool2d(features, 2 * r + 1, stride=1, padding=r)
         return features - self.tau
 
     def macs(self, channels: int, featured: int, cells: int) -> int:

@@ -198,14 +198,14 @@ class PassModel(nn.Module):
         for block in blocks:
             shapes.append((h.shape[1], h.shape[2], h.shape[3]))
             h = block.block(h)
-        self._final = torch.zeros_like(h)
+        self._final = torch.zeros_like(h, memory_format=torch.channels_last)
         self._aligned = [False] + [
             blocks[i - 1].plan.out_patch == blocks[i].plan.in_patch for i in range(1, len(blocks))
         ]
-        out: torch.Tensor = self._final
+        out = (self._final, 0)
         for i in reversed(range(len(blocks))):
             blocks[i].bind(shapes[i], out, track_prev=not self._aligned[i])
-            out = blocks[i].input_view
+            out = blocks[i].input_buffer
         self._bound = tuple(frame.shape)
         self._head_macs = None
 
@@ -307,6 +307,8 @@ def prepare(
     threshold: float | Sequence[float] = 0.02,
     keyframe_every: int = 16,
     gate_hidden: int = 16,
+    dense_above: float = 1.0,
+    halo_aware: bool = True,
     inplace: bool = False,
 ) -> PassModel:
     """Prepare a model (or one block) for patch-skipping inference on a stream.
@@ -330,6 +332,13 @@ def prepare(
         A full key frame every K frames (0: only after ``reset()``).
     gate_hidden : int
         Hidden channels of the learned gate.
+    dense_above : float
+        A block whose gate chooses more than this share of its patches runs on the whole
+        map instead (exact, counted as full MACs); 1.0 (default) never does.
+    halo_aware : bool
+        Threshold gate only: also compute the patches a change reaches through the
+        block's receptive-field halo (see ``ThresholdGate``); False is the literal
+        patch-only baseline.
     inplace : bool
         Reuse the model's modules (False: work on a deep copy, as torch.ao does).
 
@@ -347,6 +356,7 @@ def prepare(
     if gate not in ("threshold", "learned"):
         raise ConfigError(f"pass.gate: expected 'threshold' or 'learned', got {gate!r}")
     model = model_or_block if inplace else copy.deepcopy(model_or_block)
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     blocks, head = _split(model)
     n = len(blocks)
     if isinstance(patch, int):
@@ -376,6 +386,10 @@ def prepare(
         g: PatchGate = (
             ThresholdGate(p, tau) if gate == "threshold" else LearnedGate(cin, p, gate_hidden)
         )
-        wrapped.append(PatchBlock(block, g, p))
+        wrapped.append(PatchBlock(block, g, p, dense_above))
+        if isinstance(g, ThresholdGate) and halo_aware:
+            plan = wrapped[-1].plan
+            halo = max(plan.in_halo, plan.in_window - plan.in_patch - plan.in_halo)
+            g.reach = -(-halo // plan.in_patch)
         channels = _out_channels(block, cin)
     return PassModel(wrapped, head, keyframe_every).eval()

@@ -1,16 +1,24 @@
 """Gather patch windows (with their halo) from a feature map and put patches back.
 
-Small tensor functions, apart from the modules. They work on strided views too (the
-executor keeps each map inside a zero-bordered buffer, so gathering a window with its halo
-needs no padding copy per frame):
+Small tensor functions, apart from the modules. Maps are kept channels-last (pixel-major:
+each pixel's C values are contiguous), so a window of w x w pixels is w*w contiguous
+C-vectors and gathering the chosen windows is one ``index_select`` over pixels, with no
+layout shuffle; the gathered batch comes out channels-last, which oneDNN convolves
+directly (on this CPU channels-last convolution also ran faster than NCHW).
 
-- ``pad_map`` adds the zero border a block's windows need (tests and one-off use);
-- ``gather_windows`` copies the chosen patches' windows out of a padded map into a batch;
-- ``take_patches`` / ``put_patches`` read / write whole patches of an unpadded map;
-- ``border_mask`` zeroes what lies outside the image inside a window (a block's inner
-  layers must see zeros there, as their own padding would, not values computed from the
-  outer padding);
-- ``grid_indices`` lists the cells a gate chose.
+Patches are addressed by their flat cell index ``i * gw + j`` on a (gh, gw) grid. Index
+and mask tables are built once per frame size, so that per frame the work is a handful
+of kernels whatever the number of patches:
+
+- ``to_pixel_major`` makes a (1, C, H, W) map channels-last (what the others expect);
+- ``pad_map`` adds the zero border a block's windows need;
+- ``window_table`` lists, per cell, the flat pixel indices of its window;
+- ``gather_cells`` copies the chosen cells' windows into one batch;
+- ``put_cells`` writes whole patches into a map (in place, a bordered buffer allowed);
+- ``mask_table`` marks what lies outside the image inside each cell's window (a block's
+  inner layers must see zeros there, as their own padding would, not values computed
+  from the outer padding);
+- ``chosen_cells`` lists the cells a gate chose.
 """
 
 from __future__ import annotations
@@ -19,92 +27,124 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "to_pixel_major",
     "pad_map",
-    "gather_windows",
-    "take_patches",
-    "put_patches",
-    "border_mask",
-    "grid_indices",
+    "window_table",
+    "gather_cells",
+    "put_cells",
+    "mask_table",
+    "chosen_cells",
 ]
 
+_CL = torch.channels_last
 
-def grid_indices(decision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column indices of the True cells of a (gh, gw) decision grid, row-major."""
-    gw = decision.shape[-1]
-    flat = decision.reshape(-1).nonzero().squeeze(1)
-    return torch.div(flat, gw, rounding_mode="floor"), flat % gw
+
+def chosen_cells(decision: torch.Tensor) -> torch.Tensor:
+    """Flat indices (n,) of the True cells of a decision grid, in row-major order."""
+    return decision.reshape(-1).nonzero().squeeze(1)
+
+
+def to_pixel_major(x: torch.Tensor) -> torch.Tensor:
+    """The map (1, C, H, W) in channels-last memory (a no-op when it already is)."""
+    return x.contiguous(memory_format=_CL)
 
 
 def pad_map(x: torch.Tensor, patch: int, window: int, halo: int) -> torch.Tensor:
-    """Zero-pad a map (N, C, H, W) so every patch's window lies inside: ``halo`` on the
-    top/left, ``max(window - patch - halo, 0)`` on the bottom/right."""
+    """Zero-pad a map (1, C, H, W) so every patch's window lies inside (channels-last):
+    ``halo`` on the top/left, ``max(window - patch - halo, 0)`` on the bottom/right."""
     right = max(window - patch - halo, 0)
-    return F.pad(x, (halo, right, halo, right))
+    return to_pixel_major(F.pad(x, (halo, right, halo, right)))
 
 
-def gather_windows(
-    padded: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, patch: int, window: int
+def _pixels(buf: torch.Tensor) -> torch.Tensor:
+    """A (H*W, C) view of a channels-last (1, C, H, W) tensor."""
+    _, c, h, w = buf.shape
+    if not buf.is_contiguous(memory_format=_CL):
+        raise ValueError("patch maps must be channels-last contiguous")
+    return buf.permute(0, 2, 3, 1).view(h * w, c)
+
+
+def window_table(
+    grid: tuple[int, int], patch: int, window: int, offset: int, width: int
 ) -> torch.Tensor:
-    """Copy the windows of the chosen patches out of a padded map into one batch.
+    """Flat pixel indices (gh*gw, window*window) of every cell's window.
+
+    The window of cell (i, j) starts at (i * patch + offset, j * patch + offset) of a
+    map ``width`` pixels wide (``offset``: 0 for a window with its halo in a map padded by
+    that halo; the border width to address bare patches of a bordered buffer).
+    """
+    gh, gw = grid
+    span = torch.arange(window)
+    r = torch.arange(gh)[:, None] * patch + offset + span[None, :]  # (gh, w)
+    c = torch.arange(gw)[:, None] * patch + offset + span[None, :]  # (gw, w)
+    idx = r[:, None, :, None] * width + c[None, :, None, :]  # (gh, gw, w, w)
+    return idx.reshape(gh * gw, window * window)
+
+
+def gather_cells(
+    buf: torch.Tensor,
+    table: torch.Tensor,
+    cells: torch.Tensor,
+    window: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Copy the windows of the chosen cells of a channels-last map into one batch.
 
     Parameters
     ----------
-    padded : torch.Tensor
-        (1, C, H', W'): the map with its halo border (see ``pad_map``); the window of patch
-        (i, j) starts at (i * patch, j * patch) of ``padded``.
-    rows, cols : torch.Tensor
-        Grid indices (n,) of the patches.
-    patch : int
-        Patch side (the stride between windows).
+    buf : torch.Tensor
+        (1, C, H', W') channels-last map (with its halo border where windows need one).
+    table : torch.Tensor
+        ``window_table`` of the map.
+    cells : torch.Tensor
+        Flat cell indices (n,).
     window : int
-        Window side (patch plus halos).
+        Window side.
+    out : torch.Tensor, optional
+        A reusable (>= n * window * window, C) workspace to gather into (a fresh large
+        tensor per frame costs page faults that here took longer than the copy itself);
+        the result then aliases it.
 
     Returns
     -------
     torch.Tensor
-        (n, C, window, window), contiguous.
+        (n, C, window, window), channels-last contiguous.
     """
-    views = padded[0].unfold(1, window, patch).unfold(2, window, patch)  # (C, gh, gw, w, w)
-    return views[:, rows, cols].transpose(0, 1).contiguous()
+    c = buf.shape[1]
+    idx = table.index_select(0, cells).reshape(-1)
+    if out is None:
+        taken = _pixels(buf).index_select(0, idx)
+    else:
+        taken = torch.index_select(_pixels(buf), 0, idx, out=out[: idx.numel()])
+    return taken.view(-1, window, window, c).permute(0, 3, 1, 2)
 
 
-def take_patches(
-    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, patch: int
-) -> torch.Tensor:
-    """Copy whole patches (n, C, patch, patch) out of a map (1, C, H, W)."""
-    return gather_windows(x, rows, cols, patch, patch)
-
-
-def put_patches(
-    x: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+def put_cells(
+    buf: torch.Tensor, table: torch.Tensor, cells: torch.Tensor, values: torch.Tensor
 ) -> None:
-    """Write patches (n, C, p, p) into a map (1, C, gh*p, gw*p) in place (views allowed)."""
-    p = values.shape[-1]
-    views = x[0].unfold(1, p, p).unfold(2, p, p)  # (C, gh, gw, p, p), aliasing x
-    views[:, rows, cols] = values.transpose(0, 1)
+    """Write patches (n, C, p, p) into the chosen cells of a channels-last map, in place
+    (``table``: the map's ``window_table`` for windows of side p)."""
+    n, c, p, _ = values.shape
+    idx = table.index_select(0, cells).reshape(-1)
+    src = values.permute(0, 2, 3, 1).reshape(n * p * p, c)
+    _pixels(buf).index_copy_(0, idx, src)
 
 
-def border_mask(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    patch: int,
-    window: int,
-    halo: int,
-    height: int,
-    width: int,
-) -> torch.Tensor | None:
-    """1 where a window position lies inside the (height, width) map, 0 outside.
+def mask_table(
+    grid: tuple[int, int], patch: int, window: int, halo: int, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inside-the-image masks of every cell's window, and which cells need one.
 
-    The window of patch (i, j) starts at (i * patch - halo, j * patch - halo) in map
-    coordinates. Returns a (n, 1, window, window) float mask, or None when every chosen
-    window lies fully inside the map (nothing to zero).
+    The window of cell (i, j) starts at (i * patch - halo, j * patch - halo) of a
+    (height, width) map. Returns a float table (gh*gw, 1, window, window), 1 inside and 0
+    outside, and a bool (gh*gw,) that is True where a window crosses the border.
     """
-    offsets = torch.arange(window, device=rows.device)
-    r = rows[:, None] * patch - halo + offsets[None, :]
-    c = cols[:, None] * patch - halo + offsets[None, :]
-    row_ok = (r >= 0) & (r < height)
-    col_ok = (c >= 0) & (c < width)
-    if bool(row_ok.all()) and bool(col_ok.all()):
-        return None
-    mask = row_ok[:, None, :, None] & col_ok[:, None, None, :]
-    return mask.to(torch.float32)
+    gh, gw = grid
+    span = torch.arange(window)
+    r = torch.arange(gh)[:, None] * patch - halo + span[None, :]
+    c = torch.arange(gw)[:, None] * patch - halo + span[None, :]
+    row_ok = (r >= 0) & (r < height)  # (gh, w)
+    col_ok = (c >= 0) & (c < width)  # (gw, w)
+    ok = row_ok[:, None, :, None] & col_ok[None, :, None, :]  # (gh, gw, w, w)
+    ok = ok.reshape(gh * gw, 1, window, window)
+    return ok.to(torch.float32), ~ok.reshape(gh * gw, -1).all(dim=1)

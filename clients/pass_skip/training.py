@@ -58,9 +58,17 @@ def train_perception(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
+
+
+def _full_logits(pass_model: PassModel, frames: torch.Tensor) -> torch.Tensor:
+    """The unmodified model's output on frames (N, C, H, W), every block run whole."""
+    h = frames
+    for block in pass_model.patch_blocks:
+        h = block.block(h)
+    return pass_model.head(h)
 
 
 def train_gates(
@@ -73,6 +81,7 @@ def train_gates(
     lr: float = 1e-2,
     sparsity: float = 1.0,
     temperature: float = 1.0,
+    distill: float = 0.0,
     seed: int = 0,
 ) -> list[dict[str, float]]:
     """Train the learned gates of a ``PassModel`` on clips, all other weights frozen.
@@ -91,6 +100,10 @@ def train_gates(
         Weight of the expected executed-MAC share in the loss.
     temperature : float
         Gumbel-sigmoid temperature.
+    distill : float
+        Weight of a distillation term: KL divergence from the full model's per-frame
+        class distribution to the gated one's. It penalizes stale caches directly, also on
+        frames where the label alone would tolerate them (our addition; 0 disables it).
     seed : int
         Seeds the batch order and the Gumbel noise.
 
@@ -130,12 +143,18 @@ def train_gates(
     try:
         for _ in range(steps):
             idx = torch.randint(0, clips.shape[0], (batch_size,), generator=gen)
-            logits, compute = pass_model.forward_clip(clips[idx], temperature)
-            target = labels[idx]
-            task = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-1
-            )
+            batch = clips[idx]
+            logits, compute = pass_model.forward_clip(batch, temperature)
+            flat = logits.reshape(-1, logits.shape[-1])
+            task = F.cross_entropy(flat, labels[idx].reshape(-1), ignore_index=-1)
             loss = task + sparsity * compute
+            if distill > 0:
+                with torch.no_grad():
+                    teacher = F.log_softmax(_full_logits(pass_model, batch.flatten(0, 1)), -1)
+                kl = F.kl_div(
+                    F.log_softmax(flat, -1), teacher, log_target=True, reduction="batchmean"
+                )
+                loss = loss + distill * kl
             opt.zero_grad()
             loss.backward()
             opt.step()
