@@ -218,7 +218,7 @@ class FleetGrid(Grid):
         self._run: Run | None = None
         self._contexts: dict[int, bytes] = {}
         self._pending: dict[str, _Pending] = {}
-        self._replies: dict[str, Message] = {}
+        self._inbox: dict[str, tuple[float, int, Message]] = {}
         self._msg_counter = 0
         self._idle_polls = 0
 
@@ -291,12 +291,39 @@ class FleetGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Execute whatever is pending for these ids and return the replies that exist."""
+        """Return the replies delivered by now, in emulated-time order.
+
+        This is the asynchronous path (FedBuff-style strategies push and pull): pending
+        instructions for these ids execute from the instant they were pushed; replies
+        whose delivery lies in the emulated future wait in an inbox. If none of the ids
+        has a reply delivered yet, the clock advances to the earliest delivery among
+        them, so a pull never returns empty while work is outstanding.
+        """
         ids = list(message_ids)
         todo = [i for i in ids if i in self._pending]
         if todo:
-            self._execute(todo, timeout=None)
-        return [self._replies.pop(i) for i in ids if i in self._replies]
+            for mid, rec, finish, reply in self._run_tasks(todo):
+                self.state.records.append(rec)
+                if rec.status != "dropout":
+                    self._inbox[mid] = (finish, rec.node_id, reply)
+        waiting = [i for i in ids if i in self._inbox]
+        if not waiting:
+            return []
+        t_prev = self.clock.now
+        if all(self._inbox[i][0] > self.clock.now for i in waiting):
+            self.clock.advance_to(min(self._inbox[i][0] for i in waiting))
+        ready = sorted((self._inbox[i] for i in waiting if self._inbox[i][0] <= self.clock.now),
+                       key=lambda d: (d[0], d[1]))
+        for i in waiting:
+            if self._inbox[i][0] <= self.clock.now:
+                del self._inbox[i]
+        if ready:
+            last = ready[-1][2]
+            self.state.spans.append(CallSpan(_round_id(last), last.metadata.message_type,
+                                             t_prev, self.clock.now))
+            if self.on_progress is not None:
+                self.on_progress(self)
+        return [d[2] for d in ready]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -309,10 +336,7 @@ class FleetGrid(Grid):
         ids = list(self.push_messages(messages))
         if not ids:
             return []
-        replies = self._execute(ids, timeout=timeout)
-        for r in replies:
-            self._replies.pop(r.metadata.reply_to_message_id, None)
-        return replies
+        return self._execute(ids, timeout=timeout)
 
     # ------------------------------------------------------------------ engine
 
@@ -338,48 +362,56 @@ class FleetGrid(Grid):
             self._host_macs = calibrate_host_macs_per_s()
         return self._host_macs / profile.macs_per_s["fp32"]
 
-    def _execute(self, ids: list[str], timeout: float | None) -> list[Message]:
-        t0 = self.clock.now
+    def _run_tasks(self, ids: list[str]) -> list[tuple[str, ReplyRecord, float, Message]]:
+        """Execute pending instructions; account each from the instant it was pushed."""
         tasks = []
         for mid in ids:
             p = self._pending[mid]
             slot = self.slots[p.message.metadata.dst_node_id]
             md = p.message.metadata
-            seed = _stable_seed(self.seed, md.group_id, md.message_type, slot.node_id)
+            seed = _stable_seed(self.seed, _round_id(p.message), md.message_type,
+                                slot.node_id)
             tasks.append(Task(slot.node_id, serialize_message(p.message),
                               self._context_bytes(slot), seed))
         results = self.executor.run(tasks)
-        delivered: list[tuple[float, int, Message]] = []
-        group, mtype = "", ""
+        out = []
         for mid, res in zip(ids, results, strict=True):
             p = self._pending.pop(mid)
             slot = self.slots[res.node_id]
-            group, mtype = _round_id(p.message), p.message.metadata.message_type
             reply = deserialize_message(res.reply)
             self._contexts[slot.node_id] = res.context
+            t0 = p.start_s
             rec, finish = self._account(slot, p, reply, len(res.reply), res.host_s, t0)
             deadline = _config_value(p.message, "deadline-s")
             if not self.availability.online(slot.partition_id, t0) or (
                 self.availability.online_until(slot.partition_id, t0) < finish
             ):
                 rec.status = "dropout"
-            elif timeout is not None and finish - t0 > timeout:
-                rec.status = "timeout"
             elif deadline is not None and finish - t0 > deadline:
                 rec.status = "straggler"
+            out.append((mid, rec, finish, reply))
+        return out
+
+    def _execute(self, ids: list[str], timeout: float | None) -> list[Message]:
+        """The synchronous path: run all, deliver those within ``timeout``, in order."""
+        t0 = self.clock.now
+        delivered: list[tuple[float, int, Message]] = []
+        group, mtype = "", ""
+        finishes = []
+        for _, rec, finish, reply in self._run_tasks(ids):
+            group, mtype = rec.group_id, rec.message_type
+            finishes.append(finish)
+            if rec.status != "dropout" and timeout is not None and finish - t0 > timeout:
+                rec.status = "timeout"
             self.state.records.append(rec)
-            if rec.status == "dropout":
-                continue
-            if rec.status == "timeout":
-                continue
-            delivered.append((finish, slot.node_id, reply))
+            if rec.status not in ("dropout", "timeout"):
+                delivered.append((finish, rec.node_id, reply))
         delivered.sort(key=lambda d: (d[0], d[1]))
         end = max((d[0] for d in delivered), default=t0)
         if timeout is not None and len(delivered) < len(ids):
             end = t0 + timeout
         elif len(delivered) < len(ids):
-            end = max(end, max((r.finish_s for r in self.state.records[-len(ids):]),
-                               default=t0))
+            end = max(end, *finishes)
         self.clock.advance_to(end)
         self.state.spans.append(CallSpan(group, mtype, t0, self.clock.now))
         if self.on_progress is not None:

@@ -167,11 +167,15 @@ def round_rows(
             "failures_other": len(errors) - len(budget),
             "source": source,
         })
-    # Carry the clock through rounds without messages (e.g. round 0).
+    # A round ends when the server evaluates its model (the engine stamps that instant);
+    # without one, at the end of its last exchange. Its time is the clock's advance.
     last = 0.0
     for r in rows:
-        if r["clock_s"] == 0.0:
-            r["clock_s"] = last
+        e = ev.get(r["round"], {})
+        if "clock_s" in e:
+            r["clock_s"] = float(e["clock_s"])
+        r["clock_s"] = max(r["clock_s"], last)
+        r["round_time_s"] = r["clock_s"] - last
         last = r["clock_s"]
     return rows
 

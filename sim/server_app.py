@@ -77,6 +77,13 @@ def main(grid: Grid, context: Context) -> None:
     """Run the configured strategy for the configured rounds."""
     cfg = config_from_run_config(context.run_config)
     run_key = str(context.run_config.get("tinyfleet.run-key", ""))
+    out = context.run_config.get("tinyfleet.out")
+    recorder = None
+    if not results.has_run(run_key) and out:
+        # A real deployment: record every message to write the run's result files.
+        from sim.recording import RecordingGrid
+
+        grid = recorder = RecordingGrid(grid)
     torch.manual_seed(cfg.seed)
     model = build_training_model(cfg.client)
     data = fleet_data(cfg.client)
@@ -87,6 +94,9 @@ def main(grid: Grid, context: Context) -> None:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
         loss, acc = evaluate_model(model, x_test, y_test)
         row = {"round": server_round, "accuracy": acc, "loss": loss}
+        clock = getattr(grid, "clock", None)  # tinyfleet's engine: the emulated instant
+        if clock is not None:
+            row["clock_s"] = clock.now
         rows.append(row)
         results.publish(run_key, "eval", row)
         return MetricRecord({"accuracy": acc, "loss": loss})
@@ -101,9 +111,12 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=evaluate_fn,
     )
     results.publish(run_key, "final", result.arrays)
-    out = context.run_config.get("tinyfleet.out")
     if not results.has_run(run_key) and out:
         _write_rows(Path(str(out)) / "server_rounds.csv", rows)
+    if recorder is not None:
+        from sim.recording import write_deployed_results
+
+        write_deployed_results(Path(str(out)), cfg, recorder, rows, result.arrays)
 
 
 def _write_rows(path: Path, rows: list[dict[str, float]]) -> None:
