@@ -1,10 +1,13 @@
 """Benchmark of the update codecs: SGQ side by side with every baseline.
 
-``--codec-only``: encode and decode a MobileNetV2-1.0 update (``clients.models.MobileNetV2``
-state_dict, 3.5 M parameters, 14.2 MB of FP32) with each codec, pinned to one CPU core,
-and report bytes, compression ratio vs FP32, relative L2 error of the decoded update,
-encode / decode MB/s (of FP32 input) and the combined encode+decode throughput, whose goal
-for SGQ is 200 MB/s. Two updates are measured:
+Two parts; ``--codec-only`` or ``--fleet-only`` runs one of them (the JSON keeps the other
+part of an earlier run).
+
+Codecs (``--codec-only``): encode and decode a MobileNetV2-1.0 update
+(``clients.models.MobileNetV2`` state_dict, 3.5 M parameters, 14.2 MB of FP32) with each
+codec, pinned to one CPU core, and report bytes, compression ratio vs FP32, relative L2
+error of the decoded update, encode / decode MB/s (of FP32 input) and the combined
+encode+decode throughput, whose goal for SGQ is 200 MB/s. Three inputs are measured:
 
 - ``trained``: the real difference of the weights after a few SGD steps of MobileNetV2 on
   scikit-learn digits (upsampled to 32x32 RGB), so channels differ in scale as in FL;
@@ -20,18 +23,27 @@ dominate the first; SGQ sends 1-D tensors exactly). The classifier has 1,000 out
 the digits only 10 classes, so 990 of its rows do not move: a real trait of such updates.
 Timings are the best of ``--repeats`` runs of each codec, interleaved in the same process;
 ``t/fp32`` is the encode+decode time relative to the exact fp32 codec in the same run,
-the figure that load on a shared machine changes least. Writes ``bench/out/sgq.json`` and
-prints a table. Run:
-``.venv/bin/python bench/sgq.py --codec-only`` (about a minute on 2 cores).
+the figure that load on a shared machine changes least.
+
+Fleet (``--fleet-only``): the engine's run of ``--config`` (default: the default fleet,
+100 devices on digits) for each of ``--seeds`` (1 2 3), plain Flower vs compressed
+uplink (and downlink) through ``compression_mod`` and ``CompressedStrategy``: final
+accuracy, bytes up / down on the wire (the engine's count), stragglers, emulated clock.
+
+Writes ``bench/out/sgq.json`` and prints tables. Run:
+``.venv/bin/python bench/sgq.py --codec-only`` (about a minute on 2 cores),
+``.venv/bin/python bench/sgq.py --fleet-only`` (about 4 minutes), or both without a flag.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +67,23 @@ FEATURE_CODECS = [
 ]
 
 
-def _pin_one_core() -> str:
+@contextlib.contextmanager
+def _one_core() -> Iterator[str]:
+    """Pin this process to one CPU (and torch to one thread) while measuring."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    if hasattr(os, "sched_setaffinity"):
-        core = sorted(os.sched_getaffinity(0))[-1]
-        os.sched_setaffinity(0, {core})
-        return f"pinned to CPU {core}"
-    return "not pinned (no sched_setaffinity)"
+    if not hasattr(os, "sched_setaffinity"):
+        yield "not pinned (no sched_setaffinity)"
+        torch.set_num_threads(threads)
+        return
+    cpus = os.sched_getaffinity(0)
+    core = sorted(cpus)[-1]
+    os.sched_setaffinity(0, {core})
+    try:
+        yield f"pinned to CPU {core}"
+    finally:
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(threads)
 
 
 def _digits(side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,48 +198,162 @@ def _table(title: str, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+FLEET = [  # (uplink, downlink); None is plain Flower (no compression anywhere)
+    (None, None), ("sgq", None), ("sgq", "sgq"), ("sgq:bits=2", "sgq:bits=2"),
+    ("uniform4", None), ("blockwise4-ef", None), ("topk:ratio=0.01", None),
+]
+
+
+@contextlib.contextmanager
+def _compressed_server(uplink: str, downlink: str | None) -> Iterator[None]:
+    """Wrap the engine's configured strategy in CompressedStrategy for one run."""
+    import sim.server_app as server_app
+    from strategies.compressed import CompressedStrategy
+
+    plain = server_app.make_strategy
+    server_app.make_strategy = lambda cfg: CompressedStrategy(plain(cfg), uplink, downlink)
+    try:
+        yield
+    finally:
+        server_app.make_strategy = plain
+
+
+def _compressed_client_app() -> Any:
+    """tinyfleet's ClientApp behind ``compression_mod`` (codec named by the server)."""
+    from flwr.clientapp import ClientApp
+
+    from clients.client_app import app as base
+    from clients.codecs import compression_mod
+
+    app = ClientApp(mods=[compression_mod()])
+    app.train()(lambda msg, ctx: base(msg, ctx))
+    app.evaluate()(lambda msg, ctx: base(msg, ctx))
+    return app
+
+
+def fleet(config: str, seeds: list[int], rounds: int | None) -> list[dict[str, Any]]:
+    """Accuracy and bytes on the wire of the engine's run of ``config`` for each codec.
+
+    Bytes are the engine's own count of what crossed each device's link (message
+    payloads plus framing), summed over rounds; accuracy is the server's held-out
+    accuracy after the last round; stragglers (replies past the round deadline) and the
+    emulated clock at the end show what smaller messages buy on slow links. Mean (and
+    accuracy's spread) over ``seeds``.
+    """
+    from sim.config import load_config
+    from sim.runner import run_experiment
+
+    base = load_config(config)
+    out: list[dict[str, Any]] = []
+    for uplink, downlink in FLEET:
+        runs = []
+        for seed in seeds:
+            cfg = base.with_overrides(seed=seed, **({"rounds": rounds} if rounds else {}))
+            t0 = time.perf_counter()
+            if uplink is None:
+                res = run_experiment(cfg)
+            else:
+                with _compressed_server(uplink, downlink):
+                    res = run_experiment(cfg, client_app=_compressed_client_app())
+            rows = res.rounds
+            runs.append({"seed": seed, "accuracy": float(rows[-1]["accuracy"]),
+                         "bytes_up": int(sum(r["bytes_up"] for r in rows)),
+                         "bytes_down": int(sum(r["bytes_down"] for r in rows)),
+                         "failures": int(sum(r["failures"] for r in rows)),
+                         "stragglers": int(sum(r["stragglers"] for r in rows)),
+                         "clock_s": float(rows[-1]["clock_s"]),
+                         "wall_s": time.perf_counter() - t0})
+        acc = np.array([r["accuracy"] for r in runs])
+        out.append({"uplink": uplink or "plain", "downlink": downlink or "plain",
+                    "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std()),
+                    "bytes_up_mean": float(np.mean([r["bytes_up"] for r in runs])),
+                    "bytes_down_mean": float(np.mean([r["bytes_down"] for r in runs])),
+                    "stragglers_mean": float(np.mean([r["stragglers"] for r in runs])),
+                    "clock_s_mean": float(np.mean([r["clock_s"] for r in runs])),
+                    "runs": runs})
+    up0, down0 = float(out[0]["bytes_up_mean"]), float(out[0]["bytes_down_mean"])
+    for r in out:
+        r["up_ratio_vs_plain"] = up0 / float(r["bytes_up_mean"])
+        r["down_ratio_vs_plain"] = down0 / float(r["bytes_down_mean"])
+    return out
+
+
+def _fleet_table(title: str, rows: list[dict[str, Any]]) -> str:
+    lines = [title, f"{'uplink':18s} {'downlink':12s} {'accuracy':>15s} {'MB up':>8s} "
+             f"{'x up':>6s} {'MB down':>8s} {'x down':>6s} {'stragglers':>10s} {'clock s':>8s}"]
+    for r in rows:
+        lines.append(f"{r['uplink']:18s} {r['downlink']:12s} {r['accuracy_mean']:8.3f} "
+                     f"+-{r['accuracy_std']:.3f} {r['bytes_up_mean'] / 1e6:8.2f} "
+                     f"{r['up_ratio_vs_plain']:6.2f} {r['bytes_down_mean'] / 1e6:8.2f} "
+                     f"{r['down_ratio_vs_plain']:6.2f} {r['stragglers_mean']:10.1f} "
+                     f"{r['clock_s_mean']:8.1f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--codec-only", action="store_true",
-                    help="measure the codecs alone (the fleet comparison is not here yet)")
+                    help="measure the codecs alone, not the fleet runs")
+    ap.add_argument("--fleet-only", action="store_true",
+                    help="only the fleet runs (accuracy and bytes on the engine)")
+    ap.add_argument("--config", default="configs/default.toml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--rounds", type=int, default=None, help="override the config's rounds")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=8, help="SGD steps of the trained update")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
+    if args.codec_only and args.fleet_only:
+        ap.error("--codec-only and --fleet-only exclude each other")
+    report: dict[str, Any] = {}
+    if not args.fleet_only:
+        report.update(codec_report(args))
     if not args.codec_only:
-        ap.error("only --codec-only is implemented; the fleet comparison needs sim's API")
+        rows = fleet(args.config, args.seeds, args.rounds)
+        report["fleet"] = {"config": args.config, "seeds": args.seeds, "results": rows}
+        print(_fleet_table(f"\nfleet: {args.config}, seeds {args.seeds} (engine's byte "
+                           "counts, summed over rounds; final held-out accuracy)", rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.exists() and (args.codec_only or args.fleet_only):
+        old = json.loads(args.out.read_text())  # keep the other half of an earlier run
+        report = {**old, **report}
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def codec_report(args: argparse.Namespace) -> dict[str, Any]:
+    """The codec-only measurements (tables printed, results returned)."""
     trained, model = _trained_update(args.steps, args.seed)
     updates = {"trained": trained, "gaussian": _gaussian_update(args.seed)}
     features = _feature_maps(model)
-    pinning = _pin_one_core()
-    n = sum(v.size for v in updates["trained"].values())
-    report: dict[str, Any] = {
-        "model": "MobileNetV2(1.0) state_dict", "parameters": int(n),
-        "fp32_bytes": int(sum(v.nbytes for v in updates["trained"].values())),
-        "cpu": platform.processor() or platform.machine(), "pinning": pinning,
-        "repeats": args.repeats, "numpy": np.__version__, "results": {},
-    }
-    for name, upd in updates.items():
-        rows = measure(upd, CODECS, args.repeats)
-        report["results"][name] = rows
-        print(_table(f"\n{name} update ({n / 1e6:.2f} M params, {report['fp32_bytes'] / 1e6:.1f}"
-                     f" MB FP32, one core, best of {args.repeats})", rows))
-    fbytes = sum(v.nbytes for v in features.values())
-    rows = measure(features, FEATURE_CODECS, args.repeats)
-    report["results"]["features"] = rows
-    report["feature_maps"] = {k: list(v.shape) for k, v in features.items()}
-    print(_table(f"\nfeature maps {report['feature_maps']} ({fbytes / 1e6:.1f} MB FP32, one "
-                 f"core, best of {args.repeats})", rows))
+    with _one_core() as pinning:
+        n = sum(v.size for v in updates["trained"].values())
+        report: dict[str, Any] = {
+            "model": "MobileNetV2(1.0) state_dict", "parameters": int(n),
+            "fp32_bytes": int(sum(v.nbytes for v in updates["trained"].values())),
+            "cpu": platform.processor() or platform.machine(), "pinning": pinning,
+            "repeats": args.repeats, "numpy": np.__version__, "results": {},
+        }
+        for name, upd in updates.items():
+            rows = measure(upd, CODECS, args.repeats)
+            report["results"][name] = rows
+            mb = report["fp32_bytes"] / 1e6
+            print(_table(f"\n{name} update ({n / 1e6:.2f} M params, {mb:.1f} MB FP32, one "
+                         f"core, best of {args.repeats})", rows))
+        fbytes = sum(v.nbytes for v in features.values())
+        rows = measure(features, FEATURE_CODECS, args.repeats)
+        report["results"]["features"] = rows
+        report["feature_maps"] = {k: list(v.shape) for k, v in features.items()}
+        print(_table(f"\nfeature maps {report['feature_maps']} ({fbytes / 1e6:.1f} MB FP32, one "
+                     f"core, best of {args.repeats})", rows))
     sgq = next(r for r in report["results"]["trained"] if r["codec"] == "sgq")
     report["goal_enc_dec_MBps"] = 200.0
     report["goal_met"] = bool(sgq["enc_dec_MBps"] >= 200.0)
     print(f"\nSGQ-4 encode+decode: {sgq['enc_dec_MBps']:.0f} MB/s (goal 200 MB/s: "
           f"{'met' if report['goal_met'] else 'NOT met'})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
-    return 0
+    return report
 
 
 if __name__ == "__main__":
