@@ -296,7 +296,7 @@ def test_learned_gate_trains_towards_skipping() -> None:
     frames = _frames(1).repeat(6, 1, 1, 1)
     clips = frames[None].repeat(4, 1, 1, 1, 1)
     labels = torch.zeros(4, 6, dtype=torch.long)
-    pm = prepare(net, patch=8, gate="learned", keyframe_every=0)
+    pm = prepare(net, patch=8, gate="learned", keyframe_every=0, learned_prior=False)
     untrained = pm(frames[0]), pm(frames[1])
     with torch.no_grad():
         assert torch.allclose(untrained[1], net(frames[:1]), atol=1e-6)  # init: compute all
@@ -306,6 +306,15 @@ def test_learned_gate_trains_towards_skipping() -> None:
     gate_params = {id(p) for b in pm.patch_blocks for p in b.gate.parameters()}
     for p, q in zip(pm.parameters(), before, strict=True):
         assert torch.equal(p, q) != (id(p) in gate_params)  # only the gates moved
+
+
+def test_learned_gate_with_prior_starts_as_the_halo_aware_threshold_gate() -> None:
+    net, frames = _net(), _walking_square()
+    learned = prepare(net, patch=8, gate="learned", threshold=0.01, keyframe_every=0)
+    threshold = prepare(net, patch=8, gate="threshold", threshold=0.01, keyframe_every=0)
+    for t in range(len(frames)):
+        assert torch.equal(learned(frames[t]), threshold(frames[t]))
+    assert learned.executed_patches == threshold.executed_patches < threshold.total_patches
 
 
 # -- errors ------------------------------------------------------------------------------

@@ -120,6 +120,14 @@ class ThresholdGate(PatchGate):
 class LearnedGate(PatchGate):
     """The learned PASS gate (see the module docstring for its design).
 
+    Optionally (``prior_tau`` set) its logit is a training-free prior plus the learned
+    part: ``prior_scale * (change within reach - prior_tau) + conv(features)``, the
+    learned part starting at zero. It then starts as the halo-aware ``ThresholdGate`` and
+    training learns where a change does not matter (noise, drift, background) and where
+    a patch must be computed anyway. This is our design choice (the paper's gate details
+    are not public): with a few dozen training steps the bare learned gate kept missing
+    the patches a change reaches through the halo, and lost accuracy.
+
     Parameters
     ----------
     channels : int
@@ -129,19 +137,41 @@ class LearnedGate(PatchGate):
     hidden : int
         Channels of the grid convolution.
     init_bias : float
-        Initial logit bias; positive starts by computing everything, and the sparsity loss
-        then teaches where skipping is harmless.
+        Initial logit bias without a prior; positive starts by computing everything, and
+        the sparsity loss then teaches where skipping is harmless.
+    prior_tau : float or None
+        Threshold of the prior (None: no prior).
+    prior_scale : float
+        Slope of the prior's logit per unit of mean absolute change.
+    reach : int
+        Neighbourhood (cells) of the prior's change (as ``ThresholdGate.reach``).
     """
 
-    def __init__(self, channels: int, patch: int, hidden: int = 16, init_bias: float = 2.0):
+    def __init__(
+        self,
+        channels: int,
+        patch: int,
+        hidden: int = 16,
+        init_bias: float = 2.0,
+        prior_tau: float | None = None,
+        prior_scale: float = 200.0,
+        reach: int = 0,
+    ) -> None:
         super().__init__()
         self.patch = patch
         self.channels = channels
         self.hidden = hidden
+        self.prior_tau = prior_tau
+        self.prior_scale = float(prior_scale)
+        self.reach = int(reach)
         self.grid_conv = nn.Conv2d(3 * channels, hidden, 3, padding=1)
         self.out = nn.Conv2d(hidden, 1, 1)
         assert self.out.bias is not None
-        nn.init.constant_(self.out.bias, init_bias)
+        if prior_tau is None:
+            nn.init.constant_(self.out.bias, init_bias)
+        else:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def cell_features(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """Pooled per-patch features (N, 3C, gh, gw): mean x, mean and max |x - prev|."""
@@ -157,7 +187,15 @@ class LearnedGate(PatchGate):
 
     def decide(self, features: torch.Tensor) -> torch.Tensor:
         """Logits (N, 1, gh, gw) from the feature grid; compute where logit > 0."""
-        return self.out(F.relu(self.grid_conv(features)))
+        learned = self.out(F.relu(self.grid_conv(features)))
+        if self.prior_tau is None:
+            return learned
+        c = self.channels
+        change = features[:, c : 2 * c].mean(1, keepdim=True)  # mean |d| per patch
+        if self.reach > 0:
+            r = self.reach
+            change = F.max_pool2d(change, 2 * r + 1, stride=1, padding=r)
+        return self.prior_scale * (change - self.prior_tau) + learned
 
     def macs(self, channels: int, featured: int, cells: int) -> int:
         """MAC-equivalents of one decision: pooling of each featured patch (twice: changed

@@ -309,6 +309,7 @@ def prepare(
     gate_hidden: int = 16,
     dense_above: float = 1.0,
     halo_aware: bool = True,
+    learned_prior: bool = True,
     inplace: bool = False,
 ) -> PassModel:
     """Prepare a model (or one block) for patch-skipping inference on a stream.
@@ -339,6 +340,9 @@ def prepare(
         Threshold gate only: also compute the patches a change reaches through the
         block's receptive-field halo (see ``ThresholdGate``); False is the literal
         patch-only baseline.
+    learned_prior : bool
+        Learned gate only: add the threshold gate's logit (with ``threshold``) as a
+        training-free prior to the learned logit (see ``LearnedGate``).
     inplace : bool
         Reuse the model's modules (False: work on a deep copy, as torch.ao does).
 
@@ -384,10 +388,12 @@ def prepare(
     for block, p, tau in zip(blocks, patches, taus, strict=True):
         cin = _in_channels(block, channels)
         g: PatchGate = (
-            ThresholdGate(p, tau) if gate == "threshold" else LearnedGate(cin, p, gate_hidden)
+            ThresholdGate(p, tau)
+            if gate == "threshold"
+            else LearnedGate(cin, p, gate_hidden, prior_tau=tau if learned_prior else None)
         )
         wrapped.append(PatchBlock(block, g, p, dense_above))
-        if isinstance(g, ThresholdGate) and halo_aware:
+        if isinstance(g, ThresholdGate | LearnedGate) and halo_aware:
             plan = wrapped[-1].plan
             halo = max(plan.in_halo, plan.in_window - plan.in_patch - plan.in_halo)
             g.reach = -(-halo // plan.in_patch)
