@@ -30,11 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from clients.data import FleetData
+from clients.measure import Meter, measure_enabled, process_age_s
 from clients.models import build_model
 from clients.spec import ClientSpec
 from clients.training import evaluate_model, freeze_except, make_optimizer, train_model
@@ -235,6 +236,8 @@ def train(msg: Message, context: Context) -> Message:
     pid, profile = device_of(spec, context.node_config)
     config = msg.content.config_records.get("config", {})
     arrays = msg.content.array_records["arrays"]
+    if measure_enabled(context.node_config):
+        return _measured_train(msg, spec, pid, profile, arrays, config)
     new_arrays, metrics = train_on_device(spec, pid, profile, arrays, config)
     return Message(RecordDict({"arrays": new_arrays, "metrics": metrics}), reply_to=msg)
 
@@ -244,6 +247,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this device's shard."""
     spec = _spec(context.run_config)
     pid, profile = device_of(spec, context.node_config)
+    if measure_enabled(context.node_config):
+        return _measured_evaluate(msg, spec, pid, profile)
     data = fleet_data(spec)
     x, y = data.device_data(pid)
     model = build_training_model(spec)
@@ -263,3 +268,58 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+# --- Real devices (clients.measure): the same work, measured instead of emulated -------
+
+
+def _device_record(pid: int, profile: DeviceProfile, meter: Meter) -> ConfigRecord:
+    """Who replied: the server side files measured rows under this device and profile."""
+    return ConfigRecord({
+        "partition-id": pid,
+        "profile": profile.name,
+        "device-class": profile.device_class,
+        "energy-source": meter.energy_source,
+    })
+
+
+def _measured_train(msg: Message, spec: ClientSpec, pid: int, profile: DeviceProfile,
+                    arrays: ArrayRecord, config: Mapping[str, Any]) -> Message:
+    app_start = process_age_s()
+    # Load the data and plan the step first: the cost model's counting is bookkeeping,
+    # not the device's training, and must not be timed as compute.
+    x, _ = fleet_data(spec).device_data(pid)
+    _plan(spec, profile, min(spec.train.batch_size, len(x)))
+    with Meter() as meter:
+        new_arrays, emulated = train_on_device(spec, pid, profile, arrays, config)
+    metrics = MetricRecord(dict(emulated))
+    metrics["compute-s"] = meter.wall_s
+    metrics["energy-j"] = meter.energy_j
+    metrics["peak-mem-bytes"] = meter.peak_mem_bytes
+    metrics["measured"] = 1
+    metrics["app-start-s"] = app_start
+    content = RecordDict({"arrays": new_arrays, "metrics": metrics,
+                          "device": _device_record(pid, profile, meter)})
+    return Message(content, reply_to=msg)
+
+
+def _measured_evaluate(msg: Message, spec: ClientSpec, pid: int,
+                       profile: DeviceProfile) -> Message:
+    app_start = process_age_s()
+    x, y = fleet_data(spec).device_data(pid)
+    with Meter() as meter:
+        model = build_training_model(spec)
+        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict(),
+                              strict=False)
+        loss, acc = evaluate_model(model, x, y)
+    metrics = MetricRecord({
+        "num-examples": len(x),
+        "eval-loss": loss,
+        "eval-acc": acc,
+        "compute-s": meter.wall_s,
+        "energy-j": meter.energy_j,
+        "measured": 1,
+        "app-start-s": app_start,
+    })
+    content = RecordDict({"metrics": metrics, "device": _device_record(pid, profile, meter)})
+    return Message(content, reply_to=msg)

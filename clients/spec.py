@@ -21,10 +21,12 @@ from clients.data import DataSpec
 from devices.errors import ConfigError
 
 __all__ = [
+    "EXPERIMENT_KEY",
     "ClientSpec",
     "ModelSpec",
     "TrainSpec",
     "build_dataclass",
+    "expand_run_config",
     "flatten",
     "unflatten",
 ]
@@ -69,6 +71,33 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
             value = json.loads(value[len(_JSON) :])
         node[parts[-1]] = value
     return doc
+
+
+EXPERIMENT_KEY = "tinyfleet.experiment"
+
+
+def expand_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat run config with a whole-experiment reference expanded.
+
+    ``flwr run --run-config`` may only override keys a Flower app declares, so a deployed
+    run carries its experiment as one key, ``tinyfleet.experiment``: the TOML document as
+    JSON. When it is set, its flattened document replaces every experiment key (the app's
+    declared defaults); runner keys (``tinyfleet.*``) are kept. Without it the run config
+    is returned as it is.
+    """
+    blob = run_config.get(EXPERIMENT_KEY)
+    if not blob:
+        return dict(run_config)
+    try:
+        doc = json.loads(str(blob))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{EXPERIMENT_KEY}: expected a JSON document ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{EXPERIMENT_KEY}: expected a JSON object, got {type(doc).__name__}")
+    out = {k: v for k, v in run_config.items()
+           if k.startswith("tinyfleet.") and k != EXPERIMENT_KEY}
+    out.update(flatten(doc))
+    return out
 
 
 def _check_type(where: str, value: Any, expected: Any) -> Any:
@@ -236,4 +265,4 @@ class ClientSpec:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ClientSpec:
         """Build from Flower's flat run config (as the ClientApp receives it)."""
-        return cls.from_doc(unflatten(run_config))
+        return cls.from_doc(unflatten(expand_run_config(run_config)))

@@ -41,6 +41,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="override a field, e.g. --set train.precision=\"int8\" (TOML value)")
     r.add_argument("--no-progress", action="store_true")
     sub.add_parser("profiles", help="list the device profiles")
+    # Real clusters (Flower deployment): certs, superlink, register, supernode, deploy,
+    # compare -- see sim/cluster_cli.py and docs/cluster.md.
+    from sim.cluster_cli import add_commands
+
+    add_commands(sub)
     return p
 
 
@@ -117,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        from sim.cluster_cli import COMMANDS, run_command
+
+        if args.command in COMMANDS:
+            return run_command(args)
         if args.command == "profiles":
             from devices.profiles import list_profiles, load_profile
 

@@ -69,9 +69,10 @@ def compare(a: str | Path, b: str | Path) -> list[dict[str, Any]]:
     ra, rb = _read_csv(a / "rounds.csv"), _read_csv(b / "rounds.csv")
     da, db = _read_csv(a / "devices.csv"), _read_csv(b / "devices.csv")
     rows: list[dict[str, Any]] = [
-        {"section": "run", "key": "folder", "metric": "path", "a": str(a), "b": str(b)},
+        {"section": "run", "key": "folder", "metric": "path", "a": str(a), "b": str(b),
+         "b_over_a": ""},
         {"section": "run", "key": "source", "metric": "source", "a": _source(ra),
-         "b": _source(rb)},
+         "b": _source(rb), "b_over_a": ""},
     ]
     sa, sb = _summary(a), _summary(b)
     for metric in ("final_accuracy", "energy_j", "bytes_up", "bytes_down", "trainings",

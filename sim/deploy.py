@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -362,8 +363,12 @@ def run_status(flwr_home: str | Path, run_id: int) -> str:
 
 
 def wait_for_run(flwr_home: str | Path, run_id: int, out_dir: str | Path,
-                 timeout_s: float = 3600.0, poll_s: float = 2.0) -> dict[str, Any]:
+                 timeout_s: float = 3600.0, status_every_s: float = 15.0) -> dict[str, Any]:
     """Wait until the run finished and its ``summary.json`` is written; the summary.
+
+    Watches for the file (cheap) and asks the SuperLink for the run's status every
+    ``status_every_s`` (each ``flwr ls`` is a Python process), so a failed run is
+    reported without waiting for the timeout.
 
     Raises
     ------
@@ -373,12 +378,13 @@ def wait_for_run(flwr_home: str | Path, run_id: int, out_dir: str | Path,
     """
     summary = Path(out_dir) / "summary.json"
     end = time.monotonic() + timeout_s
-    status = ""
+    status, asked = "", -math.inf
     while time.monotonic() < end:
-        status = run_status(flwr_home, run_id)
-        if status.startswith("finished"):
-            break
-        time.sleep(poll_s)
+        if summary.is_file() or time.monotonic() - asked >= status_every_s:
+            status, asked = run_status(flwr_home, run_id), time.monotonic()
+            if status.startswith("finished"):
+                break
+        time.sleep(0.5)
     if status == "finished:completed" and summary.is_file():
         data: dict[str, Any] = json.loads(summary.read_text())
         return data

@@ -41,6 +41,15 @@ from sim.executor import serialize_message
 __all__ = ["RecordingGrid", "write_deployed_results"]
 
 
+def _round_of(msg: Message) -> str:
+    """The round of an instruction: Flower strategies' ``server-round``, else its group."""
+    if msg.has_content():
+        for rec in msg.content.config_records.values():
+            if "server-round" in rec:
+                return str(int(rec["server-round"]))  # type: ignore[arg-type]
+    return msg.metadata.group_id
+
+
 @dataclass
 class _Sent:
     message_type: str
@@ -73,6 +82,7 @@ class RecordingGrid(Grid):
         self.poll_s = poll_s
         self.t_start = time.time()
         self.records: list[ReplyRecord] = []
+        self.app_start_s: list[float] = []
         self.spans: list[CallSpan] = []
         self.sources: list[str] = []
         self._sent: dict[str, _Sent] = {}
@@ -107,7 +117,7 @@ class RecordingGrid(Grid):
         for mid, msg, (size, payload) in zip(ids, msgs, sizes, strict=False):
             if mid:
                 md = msg.metadata
-                self._sent[mid] = _Sent(md.message_type, md.group_id, md.dst_node_id,
+                self._sent[mid] = _Sent(md.message_type, _round_of(msg), md.dst_node_id,
                                         md.created_at, size, payload)
         return ids
 
@@ -180,6 +190,8 @@ class RecordingGrid(Grid):
             error=error,
         ))
         self.sources.append("measured" if measured else "emulated")
+        if "app-start-s" in metrics:
+            self.app_start_s.append(float(metrics["app-start-s"]))
 
     def _timeout(self, mid: str, now: float) -> None:
         sent = self._sent.pop(mid)
@@ -252,6 +264,13 @@ def write_deployed_results(
         "provenance": results.provenance(cfg.hash(), cfg.seed),
         "config": str(cfg.doc.get("name", cfg.source)),
     }
+    if grid.app_start_s:
+        # Where the non-compute time of a reply goes: Flower's per-message ClientApp start.
+        known = [v for v in grid.app_start_s if not math.isnan(v)]
+        summary["mean_app_start_s"] = sum(known) / len(known) if known else None
+        summary["mean_round_trip_s"] = sum(
+            float(d["compute_s"]) + float(d["comm_s"]) for d in devices
+            if d["status"] == "ok") / max(sum(d["status"] == "ok" for d in devices), 1)
     errors = sorted({d["error"] for d in devices if d["error"]})
     if errors:
         summary["errors"] = errors[:10]

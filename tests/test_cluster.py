@@ -1,0 +1,177 @@
+"""A real Flower deployment on loopback: a TLS SuperLink with SuperNode authentication,
+three registered SuperNodes as separate processes, one experiment run to completion.
+
+Also: an unregistered SuperNode is refused, a plaintext SuperNode cannot connect to the TLS
+SuperLink, the results have the columns of a simulated run of the same config (marked
+measured), and ``tinyfleet compare`` sets the two side by side. Every process started here
+(and all Flower spawns) is stopped in the fixture's teardown, also on failure.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sim import deploy
+from sim.certs import Credentials, make_credentials
+from sim.cli import main as cli_main
+from sim.config import load_config
+from sim.results import DEVICE_COLUMNS, ROUND_COLUMNS
+
+pytestmark = pytest.mark.slow
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cluster-smoke.toml"
+DEVICES = ("rpi4", "rpi4", "jetson-orin-nano")
+
+
+@dataclass
+class Cluster:
+    root: Path
+    address: str
+    home: Path
+    creds: Credentials
+    procs: list[deploy.Proc]
+    node_ids: list[int]
+
+    def start_node(self, name: str, key: str | None, tls: bool = True) -> deploy.Proc:
+        cmd = deploy.supernode_command(
+            self.address, 0, 3, "rpi4",
+            root_certificates=self.creds.ca_cert if tls else None,
+            private_key=self.creds.node_keys[key][0] if key else None,
+            port=deploy.free_port(), max_wait_s=8)
+        proc = deploy.start(name, cmd, self.root / name, self.root / "logs")
+        self.procs.append(proc)
+        return proc
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("cluster")
+    creds = make_credentials(root / "creds", nodes=["node-0", "node-1", "node-2", "rogue"])
+    port = deploy.free_port()
+    address = f"127.0.0.1:{port}"
+    home = root / "superlink"
+    procs: list[deploy.Proc] = []
+    c = Cluster(root, address, home, creds, procs, [])
+    try:
+        link = deploy.start("superlink", deploy.superlink_command(
+            port, creds, database=root / "state.db"), home, root / "logs")
+        procs.append(link)
+        assert link.wait_for("Uvicorn running on https://", 60), link.output()[-3000:]
+        deploy.write_connection(home, address, creds.ca_cert)
+        c.node_ids = [deploy.register_node(home, creds.node_keys[f"node-{i}"][1], f"node-{i}")
+                      for i in range(3)]
+        for i, device in enumerate(DEVICES):
+            cmd = deploy.supernode_command(
+                address, i, 3, device, root_certificates=creds.ca_cert,
+                private_key=creds.node_keys[f"node-{i}"][0], port=deploy.free_port())
+            procs.append(deploy.start(f"node-{i}", cmd, root / f"node-{i}", root / "logs"))
+        for p in procs[1:]:
+            assert p.wait_for("SuperNode ID", 60), p.output()[-3000:]
+        yield c
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        leftover = [p.name for p in procs if p.alive]
+        assert not leftover, f"still running: {leftover}"
+
+
+@pytest.fixture(scope="module")
+def real_run(cluster: Cluster) -> Path:
+    cfg = load_config(CONFIG)
+    out = cluster.root / "results-real"
+    run_id = deploy.submit(cfg, out, cluster.home)
+    deploy.wait_for_run(cluster.home, run_id, out, timeout_s=150, poll_s=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sim_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sim.runner import run_experiment
+
+    out = tmp_path_factory.mktemp("sim") / "results-sim"
+    run_experiment(load_config(CONFIG), out, progress=False)
+    return out
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _header(path: Path) -> list[str]:
+    with path.open(newline="") as f:
+        return next(csv.reader(f))
+
+
+def test_experiment_runs_to_completion_with_measured_results(real_run: Path) -> None:
+    summary = json.loads((real_run / "summary.json").read_text())
+    assert summary["source"] == "measured"
+    assert summary["trainings"] == 3 * 2
+    rounds = _rows(real_run / "rounds.csv")
+    assert [r["round"] for r in rounds] == ["0", "1", "2"]
+    assert all(r["source"] == "measured" for r in rounds)
+    assert [int(r["participants"]) for r in rounds[1:]] == [3, 3]
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rounds)
+    devices = _rows(real_run / "devices.csv")
+    assert len(devices) == 6 and all(d["source"] == "measured" for d in devices)
+    assert sorted({d["device_id"] for d in devices}) == ["0", "1", "2"]
+    assert {d["profile"] for d in devices} == set(DEVICES)
+    for d in devices:
+        assert d["status"] == "ok", d["error"]
+        assert float(d["compute_s"]) > 0
+        assert float(d["comm_s"]) > 0  # the round trip is longer than the compute
+        assert int(d["peak_mem_bytes"]) > 10_000_000  # a real process: Python and torch
+        assert int(d["bytes_up"]) > 0 and int(d["bytes_down"]) > 0
+        # Energy is measured where the host meters it, else left empty (unknown).
+        assert d["energy_j"] == "" or float(d["energy_j"]) >= 0
+    assert (real_run / "server_rounds.csv").is_file()
+
+
+def test_results_have_the_simulation_columns(real_run: Path, sim_run: Path) -> None:
+    for name, columns in (("rounds.csv", ROUND_COLUMNS), ("devices.csv", DEVICE_COLUMNS)):
+        assert _header(real_run / name) == _header(sim_run / name) == columns
+    real = json.loads((real_run / "summary.json").read_text())
+    sim = json.loads((sim_run / "summary.json").read_text())
+    assert set(sim) <= set(real)
+    assert {r["source"] for r in _rows(sim_run / "rounds.csv")} == {"emulated"}
+
+
+def test_compare_sets_the_runs_side_by_side(real_run: Path, sim_run: Path,
+                                            tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "compare.csv"
+    assert cli_main(["compare", str(sim_run), str(real_run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "emulated" in printed and "measured" in printed
+    rows = _rows(out)
+    source = next(r for r in rows if r["metric"] == "source")
+    assert (source["a"], source["b"]) == ("emulated", "measured")
+    compute = [r for r in rows if r["section"] == "device_class"
+               and r["metric"] == "mean_compute_s"]
+    assert compute and all(float(r["a"]) > 0 and float(r["b"]) > 0 for r in compute)
+    assert {r["key"] for r in rows if r["section"] == "round"} == {"0", "1", "2"}
+
+
+def test_unregistered_supernode_is_refused(cluster: Cluster) -> None:
+    rogue = cluster.start_node("rogue", "rogue")
+    assert rogue.popen.wait(timeout=60) != 0
+    assert "Failed to activate SuperNode" in rogue.output(), rogue.output()[-2000:]
+    link = cluster.procs[0].output()
+    assert "No SuperNode found with the given public key" in link
+
+
+def test_plaintext_connection_to_tls_superlink_fails(cluster: Cluster) -> None:
+    plain = cluster.start_node("plaintext", None, tls=False)
+    assert plain.popen.wait(timeout=60) != 0
+    assert "SuperNode ID" not in plain.output()
+    # The CLI over plaintext fails as well.
+    home = cluster.root / "plain-cli"
+    deploy.write_connection(home, cluster.address, insecure=True)
+    with pytest.raises(Exception, match="failed"):
+        deploy.run_status(home, 1)
