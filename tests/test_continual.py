@@ -385,3 +385,39 @@ def test_ewc_and_lwf_hold_the_model_near_the_old_one(
         acc0[name] = float(accuracy_row(model, [test0])[0])
     assert drift["ewc"] < 0.5 * drift["finetune"]
     assert acc0["lwf"] > acc0["finetune"] + 0.3
+
+
+def test_train_local_on_an_empty_task_and_extra_work(
+    digits: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """A device whose shard has none of the task's classes trains nothing and keeps state."""
+    torch.manual_seed(0)
+    model = MLP(64, 8, 1, 10)
+    x, y = digits[0][:40], digits[1][:40]
+    m = ContinualMethod("lwf")
+    metrics, s1 = train_local(model, x, y, method=m, epochs=1, batch_size=8, lr=0.05, task=0)
+    assert "teacher_examples" not in metrics  # no teacher before the first boundary
+    metrics, s2 = train_local(model, x, y, method=m, epochs=2, batch_size=8, lr=0.05,
+                              state=s1, task=1)
+    assert metrics["teacher_examples"] == 2 * len(x) and metrics["distill"] >= 0.0
+    assert any(k.startswith("lwf/teacher/") for k in s2)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    empty_x, empty_y = x[:0], y[:0]
+    for name in ("replay", "ewc", "lwf"):
+        m = ContinualMethod(name, replay_capacity=8)
+        metrics, s3 = train_local(model, empty_x, empty_y, method=m, epochs=1, batch_size=8,
+                                  lr=0.05, state=s2, task=1)
+        assert metrics["steps"] == 0.0 and metrics["examples"] == 0.0
+        assert int(s3["task"][0]) == 1
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[k])
+
+
+def test_accuracy_row_marks_unseen_tasks(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = digits
+    s = StreamSchedule(kind="class-incremental", num_tasks=5, rounds_per_task=2)
+    tasks = [make_task_data(x[:300], y[:300], t, s) for t in range(5)]
+    model = MLP(64, 8, 1, 10)
+    row = accuracy_row(model, tasks, only=s.seen_tasks(4, 0))
+    assert np.isfinite(row[:2]).all() and np.isnan(row[2:]).all()
+    assert ((row[:2] >= 0) & (row[:2] <= 1)).all()

@@ -117,6 +117,7 @@ class ContinualMethod:
     _teacher: nn.Module | None = field(default=None, init=False, repr=False)
     _state: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
     _terms: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)
+    _counts: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -184,6 +185,7 @@ class ContinualMethod:
         prev = int(np.asarray(st["task"]).reshape(-1)[0]) if "task" in st else None
         boundary = task is not None and prev is not None and task != prev
         self._terms = {}
+        self._counts = {}
         self._buffer = None
         if self.uses_replay:
             sub = _sub(st, "replay/")
@@ -249,6 +251,7 @@ class ContinualMethod:
         if self._teacher is not None:
             with torch.no_grad():
                 teacher_logits = self._teacher(x)
+            self._counts["teacher_examples"] = self._counts.get("teacher_examples", 0) + len(x)
             dist = distillation_loss(logits, teacher_logits, self.lwf_temperature)
             self._terms.setdefault("distill", []).append(float(dist.detach()))
             total = total + self.lwf_alpha * dist
@@ -263,8 +266,17 @@ class ContinualMethod:
         if self.uses_ewc:
             _put(st, "ewc/pending/", fisher_diagonal(model, x, y,
                                                      max_samples=self.fisher_samples))
+            self._counts["fisher_examples"] = min(len(x), self.fisher_samples)
         return st
 
     def term_means(self) -> dict[str, float]:
         """Mean of each extra loss term over the steps since :meth:`begin`."""
         return {k: float(np.mean(v)) for k, v in self._terms.items() if v}
+
+    def extra_work(self) -> dict[str, int]:
+        """Work beyond the training steps since :meth:`begin`, for a cost model.
+
+        ``teacher_examples``: samples through the LwF teacher (forward only);
+        ``fisher_examples``: samples with a forward and a backward for the Fisher.
+        """
+        return dict(self._counts)

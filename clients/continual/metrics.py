@@ -14,7 +14,7 @@ are ``NaN`` and ignored. Definitions:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import torch
@@ -110,14 +110,19 @@ def task_matrix(round_matrix: np.ndarray, round_tasks: Sequence[int]) -> np.ndar
 
 @torch.no_grad()
 def accuracy_row(
-    model: nn.Module, tasks: Sequence[tuple[np.ndarray, np.ndarray]], batch_size: int = 512
+    model: nn.Module, tasks: Sequence[tuple[np.ndarray, np.ndarray]], batch_size: int = 512,
+    only: Collection[int] | None = None,
 ) -> np.ndarray:
-    """Accuracy of ``model`` on each task's ``(x, y)`` (``NaN`` for an empty task)."""
+    """Accuracy of ``model`` on each task's ``(x, y)``: one row of ``R``.
+
+    ``NaN`` for an empty task and, when ``only`` is given (e.g. a device's
+    ``schedule.seen_tasks(round, device)``), for every task not in it.
+    """
     was_training = model.training
     model.eval()
     out = np.full(len(tasks), np.nan)
     for j, (x, y) in enumerate(tasks):
-        if len(x) == 0:
+        if len(x) == 0 or (only is not None and j not in only):
             continue
         correct = 0
         for s in range(0, len(x), batch_size):

@@ -59,8 +59,10 @@ def train_local(
     -------
     metrics : dict of str to float
         ``loss`` (mean training loss, terms included), ``examples`` (samples processed,
-        replayed ones included), ``steps``, ``replay_size``, and the mean ``ewc_penalty`` /
-        ``distill`` where they apply.
+        replayed ones included), ``steps``, ``replay_size``; where they apply, the mean
+        ``ewc_penalty`` / ``distill`` / ``fisher_capped`` and the extra work
+        ``teacher_examples`` (LwF forwards) / ``fisher_examples`` (EWC per-sample
+        backwards) for the cost model.
     new_state : dict of str to numpy.ndarray
         The state to store for the device.
     """
@@ -99,4 +101,5 @@ def train_local(
         "replay_size": float(len(method.buffer)) if method.buffer is not None else 0.0,
     }
     metrics.update(method.term_means())
+    metrics.update({k: float(v) for k, v in method.extra_work().items()})
     return metrics, new_state
