@@ -87,13 +87,12 @@ class DataSpec:
             )
         if self.source == "npz" and not self.path:
             raise ConfigError("data.path: source 'npz' needs the path of an .npz file")
-        for name in ("samples_per_device", "min_samples"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"data.{name}: expected an integer >= 0")
-        if self.image_size < 4 or self.channels < 1 or self.synthetic_size < 20:
-            raise ConfigError(
-                "data.image_size >= 4, data.channels >= 1 and data.synthetic_size >= 20 expected"
-            )
+        for name, low in (("samples_per_device", 0), ("min_samples", 0), ("image_size", 4),
+                          ("channels", 1), ("synthetic_size", 20)):
+            if getattr(self, name) < low:
+                raise ConfigError(
+                    f"data.{name}: expected an integer >= {low}, got {getattr(self, name)}"
+                )
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -119,13 +118,16 @@ def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
     if x.ndim == 3:
         x = x[:, None]
-    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or x.size == 0:
         raise DataError(
             f"{path}: expected x of shape (N, C, H, W) or (N, H, W) and y of shape (N,), "
-            f"got x {x.shape} and y {y.shape}"
+            f"N > 0, got x {x.shape} and y {y.shape}"
         )
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise DataError(f"{path}: y must hold non-negative integer class labels")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+            or x.dtype == np.bool_):
+        raise DataError(f"{path}: x must hold real numbers, got dtype {x.dtype}")
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise DataError(f"{path}: x holds non-finite values")

@@ -13,11 +13,13 @@ local training. Every field is validated here with errors that name it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from clients.data import DataSpec
+from clients.models import MODELS
 from devices.errors import ConfigError
 
 __all__ = [
@@ -68,7 +70,10 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: conflicts with a scalar at {part!r}")
         if isinstance(value, str) and value.startswith(_JSON):
-            value = json.loads(value[len(_JSON) :])
+            try:
+                value = json.loads(value[len(_JSON) :])
+            except ValueError as exc:
+                raise ConfigError(f"{key}: expected JSON after {_JSON!r} ({exc})") from exc
         node[parts[-1]] = value
     return doc
 
@@ -100,15 +105,24 @@ def expand_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_INT64 = 2**63
+
+
 def _check_type(where: str, value: Any, expected: Any) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < _INT64 else math.inf
     if expected in (int, float, str, bool):
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
         if not ok:
             raise ConfigError(
                 f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}"
             )
+        # Numbers go on to numpy and torch: a NaN passes every range check, and an integer
+        # beyond int64 overflows far from the config.
+        if expected is float and not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        if expected is int and not -_INT64 <= value < _INT64:
+            raise ConfigError(f"{where}: expected an integer in [-2**63, 2**63), got {value!r}")
     elif expected in (dict, "dict"):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
@@ -118,9 +132,9 @@ def _check_type(where: str, value: Any, expected: Any) -> Any:
 
 def build_dataclass(cls: type, section: Mapping[str, Any] | None, where: str) -> Any:
     """Build ``cls`` from a config table, naming any unknown or mistyped field."""
+    if section is not None and not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {type(section).__name__} {section!r}")
     section = dict(section or {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{where}: expected a table")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(section) - set(known))
     if unknown:
@@ -147,6 +161,10 @@ class ModelSpec:
 
     name: str = "small_cnn"
     args: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in MODELS:
+            raise ConfigError(f"name: expected one of {sorted(MODELS)}, got {self.name!r}")
 
 
 _PRECISIONS = ("fp32", "int8")
@@ -201,8 +219,9 @@ class TrainSpec:
             raise ConfigError(f"on_budget: expected one of {_ON_BUDGET}, got {self.on_budget!r}")
         if self.optimizer not in _OPTIMIZERS:
             raise ConfigError(f"optimizer: expected one of {_OPTIMIZERS}, got {self.optimizer!r}")
-        if self.proximal_mu < 0 or self.momentum < 0 or self.weight_decay < 0:
-            raise ConfigError("proximal_mu, momentum and weight_decay: expected numbers >= 0")
+        for name in ("proximal_mu", "momentum", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected a number >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -223,12 +242,13 @@ class FleetSpec:
         if not self.mix:
             raise ConfigError("mix: expected a table of profile = share, e.g. {rpi4 = 1.0}")
         for name, share in self.mix.items():
-            if isinstance(share, bool) or not isinstance(share, int | float) or share < 0:
-                raise ConfigError(f"mix.{name}: expected a share >= 0, got {share!r}")
+            if (isinstance(share, bool) or not isinstance(share, int | float)
+                    or not 0 <= share < math.inf):
+                raise ConfigError(f"mix.{name}: expected a finite share >= 0, got {share!r}")
         if self.link_spread < 0:
             raise ConfigError(f"link_spread: expected a number >= 0, got {self.link_spread}")
         if sum(self.mix.values()) <= 0:
-            raise ConfigError("mix: the shares must not all be 0")
+            raise ConfigError(f"mix: expected shares not all 0, got {self.mix}")
 
 
 @dataclass(frozen=True, eq=True)
@@ -254,6 +274,8 @@ class ClientSpec:
         """Build from a nested config document (extra top-level sections are ignored)."""
         seed = doc.get("seed", 0)
         _check_type("seed", seed, int)
+        if seed < 0:  # numpy's seed sequences take non-negative integers only
+            raise ConfigError(f"seed: expected an integer >= 0, got {seed!r}")
         return cls(
             seed=seed,
             fleet=build_dataclass(FleetSpec, doc.get("fleet"), "fleet"),

@@ -69,6 +69,8 @@ class TraceAvailability(Availability):
         self.period_s = float(period_s)
         self._iv: dict[int, list[tuple[float, float]]] = {}
         for dev, ivs in intervals.items():
+            if int(dev) < 0:
+                raise DataError(f"availability: device {dev}: expected a partition id >= 0")
             clean = sorted((float(a), float(b)) for a, b in ivs)
             for a, b in clean:
                 if not (b > a >= 0):
@@ -124,6 +126,8 @@ def load_trace(path: str | Path, period_s: float = 0.0) -> TraceAvailability:
     try:
         if p.suffix == ".json":
             raw = json.loads(p.read_text())
+            if not isinstance(raw, dict):
+                raise DataError(f"{path}: expected a JSON object of device -> intervals")
             for dev, ivs in raw.items():
                 intervals[int(dev)] = [(float(a), float(b)) for a, b in ivs]
         else:
@@ -137,7 +141,7 @@ def load_trace(path: str | Path, period_s: float = 0.0) -> TraceAvailability:
                     intervals.setdefault(int(row["device"]), []).append(
                         (float(row["start_s"]), float(row["end_s"]))
                     )
-    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, csv.Error, RecursionError) as exc:
         raise DataError(f"{path}: unreadable availability trace ({exc})") from exc
     return TraceAvailability(intervals, period_s)
 

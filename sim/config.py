@@ -43,6 +43,7 @@ __all__ = [
 _STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedbuff")
 _TOP_LEVEL = {"seed", "rounds", "fleet", "data", "model", "train", "strategy", "engine",
               "availability", "name", "description", "compression", "faults", "tinyfleet"}
+_SCALARS = {"seed", "rounds", "name", "description"}
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,13 @@ class StrategySpec:
             v = getattr(self, f)
             if not 0 <= v <= 1:
                 raise ConfigError(f"{f}: expected a number in [0, 1], got {v}")
-        if self.min_available < 1 or self.min_train < 1:
-            raise ConfigError("min_available, min_train: expected integers >= 1")
-        if self.deadline_s < 0 or not self.timeout_s > 0:
-            raise ConfigError("deadline_s: expected >= 0; timeout_s: expected > 0")
+        for f in ("min_available", "min_train"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"{f}: expected an integer >= 1, got {getattr(self, f)}")
+        if self.deadline_s < 0:
+            raise ConfigError(f"deadline_s: expected a number >= 0, got {self.deadline_s}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"timeout_s: expected a number > 0, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,15 @@ class AvailabilitySpec:
             )
         if self.kind == "trace" and not self.path:
             raise ConfigError("path: kind 'trace' needs the path of a CSV or JSON trace")
+        if self.period_s < 0 or (self.kind == "diurnal" and not self.period_s > 0):
+            raise ConfigError(
+                f"period_s: expected a number > 0 (>= 0 for a trace: 0 does not repeat), "
+                f"got {self.period_s}"
+            )
+        if not 0 <= self.always_on_share <= 1:
+            raise ConfigError(
+                f"always_on_share: expected a number in [0, 1], got {self.always_on_share}"
+            )
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,8 @@ class ExperimentConfig:
 
 def from_doc(doc: Mapping[str, Any], source: str = "") -> ExperimentConfig:
     """Validate a config document (already parsed from TOML)."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"config: expected a table of fields, got {type(doc).__name__}")
     doc = dict(doc)
     unknown = sorted(set(doc) - _TOP_LEVEL)
     if unknown:
@@ -156,12 +171,25 @@ def from_doc(doc: Mapping[str, Any], source: str = "") -> ExperimentConfig:
         )
     if "fleet" not in doc:
         raise ConfigError("fleet: missing; expected a [fleet] table with size and mix")
+    for key in sorted(_TOP_LEVEL - _SCALARS):
+        if key in doc and not isinstance(doc[key], Mapping):
+            raise ConfigError(
+                f"{key}: expected a table, got {type(doc[key]).__name__} {doc[key]!r}"
+            )
+    for key in ("name", "description"):
+        if not isinstance(doc.get(key, ""), str):
+            raise ConfigError(f"{key}: expected a string, got {doc[key]!r}")
     rounds = doc.get("rounds", 10)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds < 2**63:
         raise ConfigError(f"rounds: expected an integer >= 1, got {rounds!r}")
     client = ClientSpec.from_doc(doc)
     if client.fleet.profiles_dir:
-        register_profile_dir(client.fleet.profiles_dir)
+        try:
+            register_profile_dir(client.fleet.profiles_dir)
+        except ProfileError as exc:
+            raise ConfigError(
+                f"fleet.profiles_dir: expected a directory of NAME.toml profiles ({exc})"
+            ) from exc
     for name in client.fleet.mix:
         try:
             load_profile(name)
@@ -170,6 +198,7 @@ def from_doc(doc: Mapping[str, Any], source: str = "") -> ExperimentConfig:
     if not profile_counts(client.fleet.mix, client.fleet.size):
         raise ConfigError("fleet.mix: no device would be assigned a profile")
     strategy = build_dataclass(StrategySpec, doc.get("strategy"), "strategy")
+    _check_strategy_args(strategy)
     engine = build_dataclass(EngineSpec, doc.get("engine"), "engine")
     avail = build_dataclass(AvailabilitySpec, doc.get("availability"), "availability")
     sample = max(int(client.fleet.size * strategy.fraction_train), strategy.min_train)
@@ -181,13 +210,38 @@ def from_doc(doc: Mapping[str, Any], source: str = "") -> ExperimentConfig:
     return ExperimentConfig(client, rounds, strategy, engine, avail, doc, source)
 
 
+def _check_strategy_args(spec: StrategySpec) -> None:
+    """Name any ``strategy.args`` key the Flower strategy's constructor does not take."""
+    import inspect
+
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+    from strategies.fedbuff import FedBuff
+
+    classes: dict[str, type] = {
+        "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedbuff": FedBuff
+    }
+    params = inspect.signature(classes[spec.name]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = sorted(params)
+    unknown = sorted(set(spec.args) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"strategy.args: unknown argument(s) {unknown} for {spec.name!r}; "
+            f"expected some of {known}"
+        )
+
+
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate a TOML experiment config."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config: {str(path)!r} is not a file")
     try:
-        doc = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config: {str(path)!r} cannot be read ({exc})") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
     return from_doc(doc, str(p))
