@@ -37,6 +37,7 @@ class Cluster:
     creds: Credentials
     procs: list[deploy.Proc]
     node_ids: list[int]
+    intruders: dict[str, deploy.Proc]
 
     def start_node(self, name: str, key: str | None, tls: bool = True) -> deploy.Proc:
         cmd = deploy.supernode_command(
@@ -57,7 +58,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     address = f"127.0.0.1:{port}"
     home = root / "superlink"
     procs: list[deploy.Proc] = []
-    c = Cluster(root, address, home, creds, procs, [])
+    c = Cluster(root, address, home, creds, procs, [], {})
     try:
         link = deploy.start("superlink", deploy.superlink_command(
             port, creds, database=root / "state.db"), home, root / "logs")
@@ -73,6 +74,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             procs.append(deploy.start(f"node-{i}", cmd, root / f"node-{i}", root / "logs"))
         for p in procs[1:]:
             assert p.wait_for("SuperNode ID", 60), p.output()[-3000:]
+        # Two that must not get in; they try while the experiment runs.
+        c.intruders["rogue"] = c.start_node("rogue", "rogue")  # key never registered
+        c.intruders["plaintext"] = c.start_node("plaintext", None, tls=False)
         yield c
     finally:
         for p in reversed(procs):
@@ -86,7 +90,7 @@ def real_run(cluster: Cluster) -> Path:
     cfg = load_config(CONFIG)
     out = cluster.root / "results-real"
     run_id = deploy.submit(cfg, out, cluster.home)
-    deploy.wait_for_run(cluster.home, run_id, out, timeout_s=150, poll_s=2)
+    deploy.wait_for_run(cluster.home, run_id, out, timeout_s=240)
     return out
 
 
@@ -109,7 +113,8 @@ def _header(path: Path) -> list[str]:
         return next(csv.reader(f))
 
 
-def test_experiment_runs_to_completion_with_measured_results(real_run: Path) -> None:
+def test_experiment_runs_to_completion_with_measured_results(cluster: Cluster,
+                                                             real_run: Path) -> None:
     summary = json.loads((real_run / "summary.json").read_text())
     assert summary["source"] == "measured"
     assert summary["trainings"] == 3 * 2
@@ -121,6 +126,7 @@ def test_experiment_runs_to_completion_with_measured_results(real_run: Path) -> 
     devices = _rows(real_run / "devices.csv")
     assert len(devices) == 6 and all(d["source"] == "measured" for d in devices)
     assert sorted({d["device_id"] for d in devices}) == ["0", "1", "2"]
+    assert {int(d["node_id"]) for d in devices} == set(cluster.node_ids)  # registered only
     assert {d["profile"] for d in devices} == set(DEVICES)
     for d in devices:
         assert d["status"] == "ok", d["error"]
@@ -159,7 +165,7 @@ def test_compare_sets_the_runs_side_by_side(real_run: Path, sim_run: Path,
 
 
 def test_unregistered_supernode_is_refused(cluster: Cluster) -> None:
-    rogue = cluster.start_node("rogue", "rogue")
+    rogue = cluster.intruders["rogue"]
     assert rogue.popen.wait(timeout=60) != 0
     assert "Failed to activate SuperNode" in rogue.output(), rogue.output()[-2000:]
     link = cluster.procs[0].output()
@@ -167,7 +173,7 @@ def test_unregistered_supernode_is_refused(cluster: Cluster) -> None:
 
 
 def test_plaintext_connection_to_tls_superlink_fails(cluster: Cluster) -> None:
-    plain = cluster.start_node("plaintext", None, tls=False)
+    plain = cluster.intruders["plaintext"]
     assert plain.popen.wait(timeout=60) != 0
     assert "SuperNode ID" not in plain.output()
     # The CLI over plaintext fails as well.
