@@ -40,6 +40,11 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set train.precision=\"int8\" (TOML value)")
     r.add_argument("--no-progress", action="store_true")
+    rs = sub.add_parser("resume", help="continue an interrupted run from its folder")
+    rs.add_argument("dir")
+    rs.add_argument("--backend", choices=["local", "ray"], default=None)
+    rs.add_argument("--actors", type=int, default=None)
+    rs.add_argument("--no-progress", action="store_true")
     sub.add_parser("profiles", help="list the device profiles")
     # Real clusters (Flower deployment): certs, superlink, register, supernode, deploy,
     # compare -- see sim/cluster_cli.py and docs/cluster.md.
@@ -122,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "resume":
+            from sim.runner import resume_experiment
+
+            res = resume_experiment(args.dir, progress=not args.no_progress,
+                                    backend=args.backend, actors=args.actors)
+            s = res.summary
+            print(f"resumed {args.dir}: {s['engine']['replayed_calls']} calls replayed; "
+                  f"accuracy {s['final_accuracy']:.4f}  emulated {s['emulated_time_s']:,.1f} s")
+            return 0
         from sim.cluster_cli import COMMANDS, run_command
 
         if args.command in COMMANDS:

@@ -31,6 +31,7 @@ from clients.spec import ClientSpec, build_dataclass, flatten, unflatten
 from devices.errors import ConfigError, ProfileError
 from devices.fleet import profile_counts
 from devices.profiles import load_profile, register_profile_dir
+from sim.faults import FaultSpec
 
 __all__ = [
     "AvailabilitySpec",
@@ -138,6 +139,11 @@ class ExperimentConfig:
     source: str = ""
 
     @property
+    def faults(self) -> FaultSpec:
+        """The faults to inject (none by default)."""
+        return FaultSpec.from_table(self.doc.get("faults"))
+
+    @property
     def seed(self) -> int:
         """The run seed."""
         return self.client.seed
@@ -201,6 +207,7 @@ def from_doc(doc: Mapping[str, Any], source: str = "") -> ExperimentConfig:
     _check_strategy_args(strategy)
     engine = build_dataclass(EngineSpec, doc.get("engine"), "engine")
     avail = build_dataclass(AvailabilitySpec, doc.get("availability"), "availability")
+    FaultSpec.from_table(doc.get("faults"))
     sample = max(int(client.fleet.size * strategy.fraction_train), strategy.min_train)
     if sample > client.fleet.size or strategy.min_available > client.fleet.size:
         raise ConfigError(

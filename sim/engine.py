@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run, RunStatus
@@ -123,6 +123,7 @@ class CallSpan:
     message_type: str
     start_s: float
     end_s: float
+    actors_lost: int = 0
 
 
 def calibrate_host_macs_per_s(n: int = 256, repeats: int = 20) -> float:
@@ -187,6 +188,9 @@ class FleetGrid(Grid):
         When devices are online (default: always).
     host_macs_per_s : float, optional
         Host FP32 throughput for apps that report no compute time (measured if needed).
+    validate_replies : bool
+        Reject non-finite replies and replies larger than ``max_update_factor`` times the
+        instruction's payload before any strategy sees them.
     on_progress : callable, optional
         Called after each ``send_and_receive`` with the grid.
     """
@@ -203,6 +207,8 @@ class FleetGrid(Grid):
         host_macs_per_s: float | None = None,
         on_progress: Callable[[FleetGrid], None] | None = None,
         run_id: int | None = None,
+        validate_replies: bool = True,
+        max_update_factor: float = 4.0,
     ) -> None:
         self.client_app = client_app
         self.slots = {s.node_id: s for s in slots}
@@ -213,6 +219,8 @@ class FleetGrid(Grid):
         self.clock = VirtualClock()
         self.state = FleetState()
         self.on_progress = on_progress
+        self.validate_replies = validate_replies
+        self.max_update_factor = max_update_factor
         self._host_macs = host_macs_per_s
         self._run_id = run_id if run_id is not None else _stable_seed(seed, "run") % (2**31)
         self._run: Run | None = None
@@ -220,6 +228,7 @@ class FleetGrid(Grid):
         self._pending: dict[str, _Pending] = {}
         self._inbox: dict[str, tuple[float, int, Message]] = {}
         self._msg_counter = 0
+        self._lost = 0
         self._idle_polls = 0
 
     # ------------------------------------------------------------------ Grid API
@@ -304,7 +313,7 @@ class FleetGrid(Grid):
         if todo:
             for mid, rec, finish, reply in self._run_tasks(todo):
                 self.state.records.append(rec)
-                if rec.status != "dropout":
+                if rec.status not in ("dropout", "hang"):
                     self._inbox[mid] = (finish, rec.node_id, reply)
         waiting = [i for i in ids if i in self._inbox]
         if not waiting:
@@ -320,7 +329,8 @@ class FleetGrid(Grid):
         if ready:
             last = ready[-1][2]
             self.state.spans.append(CallSpan(_round_id(last), last.metadata.message_type,
-                                             t_prev, self.clock.now))
+                                             t_prev, self.clock.now, self._lost))
+            self._lost = 0
             if self.on_progress is not None:
                 self.on_progress(self)
         return [d[2] for d in ready]
@@ -373,7 +383,9 @@ class FleetGrid(Grid):
                                 slot.node_id)
             tasks.append(Task(slot.node_id, serialize_message(p.message),
                               self._context_bytes(slot), seed))
+        lost = int(getattr(self.executor, "replaced", 0))
         results = self.executor.run(tasks)
+        self._lost += int(getattr(self.executor, "replaced", 0)) - lost
         out = []
         for mid, res in zip(ids, results, strict=True):
             p = self._pending.pop(mid)
@@ -382,12 +394,21 @@ class FleetGrid(Grid):
             self._contexts[slot.node_id] = res.context
             t0 = p.start_s
             rec, finish = self._account(slot, p, reply, len(res.reply), res.host_s, t0)
+            checked, problem = self._validate(p, reply, len(res.reply))
+            if problem:
+                md = checked.metadata
+                md.created_at = reply.metadata.created_at
+                md.delivered_at = reply.metadata.delivered_at
+                md.ttl = reply.metadata.ttl
+                rec.status, rec.error, reply = problem, checked.error.reason, checked
             deadline = _config_value(p.message, "deadline-s")
             if not self.availability.online(slot.partition_id, t0) or (
                 self.availability.online_until(slot.partition_id, t0) < finish
             ):
                 rec.status = "dropout"
-            elif deadline is not None and finish - t0 > deadline:
+            elif not np.isfinite(finish):
+                rec.status = "hang"  # the device never finishes: nothing is delivered
+            elif rec.status == "ok" and deadline is not None and finish - t0 > deadline:
                 rec.status = "straggler"
             out.append((mid, rec, finish, reply))
         return out
@@ -401,22 +422,48 @@ class FleetGrid(Grid):
         for _, rec, finish, reply in self._run_tasks(ids):
             group, mtype = rec.group_id, rec.message_type
             finishes.append(finish)
-            if rec.status != "dropout" and timeout is not None and finish - t0 > timeout:
+            if (rec.status not in ("dropout", "hang") and timeout is not None
+                    and finish - t0 > timeout):
                 rec.status = "timeout"
             self.state.records.append(rec)
-            if rec.status not in ("dropout", "timeout"):
+            if rec.status not in ("dropout", "timeout", "hang"):
                 delivered.append((finish, rec.node_id, reply))
         delivered.sort(key=lambda d: (d[0], d[1]))
         end = max((d[0] for d in delivered), default=t0)
         if timeout is not None and len(delivered) < len(ids):
             end = t0 + timeout
         elif len(delivered) < len(ids):
-            end = max(end, *finishes)
+            end = max(end, *(f for f in finishes if np.isfinite(f)))
         self.clock.advance_to(end)
-        self.state.spans.append(CallSpan(group, mtype, t0, self.clock.now))
+        self.state.spans.append(CallSpan(group, mtype, t0, self.clock.now, self._lost))
+        self._lost = 0
         if self.on_progress is not None:
             self.on_progress(self)
         return [d[2] for d in delivered]
+
+    def _validate(self, pending: _Pending, reply: Message, reply_bytes: int
+                  ) -> tuple[Message, str]:
+        """Reject a reply whose arrays are non-finite or far larger than what was sent.
+
+        Such a reply becomes the node's error reply (status ``nonfinite`` or
+        ``oversize``), so that no strategy, however written, aggregates it.
+        """
+        if not self.validate_replies or reply.has_error() or not reply.has_content():
+            return reply, ""
+        limit = self.max_update_factor * max(pending.payload_down, 1) + 65536
+        if _payload_bytes(reply) > limit:
+            reason = (f"rejected: the reply's payload is {_payload_bytes(reply)} bytes, more "
+                      f"than {self.max_update_factor}x the {pending.payload_down} bytes sent")
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason),
+                           reply_to=pending.message), "oversize"
+        for rec in reply.content.array_records.values():
+            for key, arr in rec.items():
+                a = arr.numpy()
+                if a.dtype.kind in "fc" and not np.isfinite(a).all():
+                    reason = f"rejected: array {key!r} of the reply holds non-finite values"
+                    return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason),
+                                   reply_to=pending.message), "nonfinite"
+        return reply, ""
 
     def _account(
         self,
@@ -433,7 +480,7 @@ class FleetGrid(Grid):
             for rec in reply.content.metric_records.values():
                 metrics = rec
                 break
-        if reply.has_error() and not metrics:
+        if reply.has_error():
             # A failed task reports nothing: count no compute (the project's ClientApp
             # fails its budget check before training starts).
             compute_s, compute_j = 0.0, 0.0
@@ -449,7 +496,8 @@ class FleetGrid(Grid):
         created = t0 + down_s + compute_s
         finish = created + up_s
         reply.metadata.created_at = created
-        reply.metadata.delivered_at = iso_instant(finish)
+        # A device that never finishes (a hang) has no delivery instant.
+        reply.metadata.delivered_at = iso_instant(finish) if np.isfinite(finish) else ""
         reply.metadata.ttl = max(pending.message.metadata.ttl - (created - t0), 1e-9)
         status = "error" if reply.has_error() else "ok"
         error = reply.error.reason if reply.has_error() else ""

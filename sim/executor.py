@@ -89,12 +89,16 @@ def deserialize_context(data: bytes) -> Context:
 
 
 def execute_task(
-    client_app: ClientApp | Callable[..., Any], task: Task, count_macs: bool = False
+    client_app: ClientApp | Callable[..., Any],
+    task: Task,
+    count_macs: bool = False,
+    faults: Any = None,
 ) -> TaskResult:
     """Run one task through the ClientApp; never raises for the app's own failures.
 
     With ``count_macs`` the app runs under ``clients.mods.device_cost_mod``, which reports
-    deterministic device compute times for apps that report none.
+    deterministic device compute times for apps that report none. ``faults`` (a
+    ``sim.faults.FaultSpec``) injects this task's fault, if it drew one.
     """
     msg = deserialize_message(task.message)
     ctx = deserialize_context(task.context)
@@ -104,12 +108,19 @@ def execute_task(
     _seed_everything(task.seed)
     t0 = time.perf_counter()
     try:
+        app: Callable[[Message, Context], Message] = client_app
         if count_macs:
             from clients.mods import device_cost_mod
 
-            reply = device_cost_mod(msg, ctx, client_app)
+            def app(m: Message, c: Context) -> Message:
+                return device_cost_mod(m, c, client_app)
+
+        if faults is not None:
+            from sim.faults import apply_faults
+
+            reply = apply_faults(faults, task.seed, msg, ctx, app)
         else:
-            reply = client_app(msg, ctx)
+            reply = app(msg, ctx)
         if not isinstance(reply, Message):
             raise TypeError(f"ClientApp returned {type(reply).__name__}, expected a Message")
     except Exception as exc:  # the app's failure is the node's error reply
@@ -124,14 +135,18 @@ def execute_task(
 class LocalExecutor:
     """Run tasks one after the other in the calling process (deterministic, no start-up)."""
 
-    def __init__(self, client_app: ClientApp, count_macs: bool = False) -> None:
+    def __init__(
+        self, client_app: ClientApp, count_macs: bool = False, faults: Any = None
+    ) -> None:
         self.client_app = client_app
         self.count_macs = count_macs
+        self.faults = faults
         self.num_workers = 1
+        self.replaced = 0
 
     def run(self, tasks: Sequence[Task]) -> list[TaskResult]:
         """Execute ``tasks`` and return their results in the same order."""
-        return [execute_task(self.client_app, t, self.count_macs) for t in tasks]
+        return [execute_task(self.client_app, t, self.count_macs, self.faults) for t in tasks]
 
     def shutdown(self) -> None:
         """Nothing to release."""
@@ -141,15 +156,22 @@ class _Worker:
     """The body of a Ray actor: one ClientApp kept loaded across calls."""
 
     def __init__(
-        self, client_app: ClientApp, threads: int, env: dict[str, str], count_macs: bool
+        self,
+        client_app: ClientApp,
+        threads: int,
+        env: dict[str, str],
+        count_macs: bool,
+        faults: Any,
     ) -> None:
         os.environ.update(env)
+        os.environ["TINYFLEET_IN_ACTOR"] = "1"
         torch.set_num_threads(threads)
         self.client_app = client_app
         self.count_macs = count_macs
+        self.faults = faults
 
     def run(self, tasks: list[Task]) -> list[TaskResult]:
-        return [execute_task(self.client_app, t, self.count_macs) for t in tasks]
+        return [execute_task(self.client_app, t, self.count_macs, self.faults) for t in tasks]
 
     def ping(self) -> int:
         return os.getpid()
@@ -183,6 +205,7 @@ class RayExecutor:
         threads_per_actor: int = 1,
         batch_size: int = 0,
         count_macs: bool = False,
+        faults: Any = None,
     ) -> None:
         import ray
 
@@ -208,12 +231,14 @@ class RayExecutor:
         self._env = env
         self._threads = threads_per_actor
         self.count_macs = count_macs
+        self.faults = faults
         self.actors = [self._new_actor() for _ in range(self.num_workers)]
         ray.get([a.ping.remote() for a in self.actors])
         self.replaced = 0
 
     def _new_actor(self) -> Any:
-        return self._remote.remote(self._client_app, self._threads, self._env, self.count_macs)
+        return self._remote.remote(self._client_app, self._threads, self._env,
+                                   self.count_macs, self.faults)
 
     def _chunks(self, tasks: Sequence[Task]) -> list[list[Task]]:
         size = self.batch_size or max(1, -(-len(tasks) // (2 * self.num_workers)))
@@ -240,7 +265,7 @@ class RayExecutor:
                 a, c = inflight.pop(ref)
                 try:
                     results[c] = ray.get(ref)
-                except ray.exceptions.RayActorError:
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
                     self.actors[a] = self._new_actor()
                     self.replaced += 1
                     pending.append(c)

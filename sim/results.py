@@ -5,14 +5,16 @@ Public schema (documented in the README):
 ``rounds.csv``
     ``round, accuracy, loss, round_time_s, clock_s, bytes_up, bytes_down, payload_up,
     payload_down, energy_j, participants, stragglers, dropouts, failures, failures_budget,
-    failures_other, source`` (``source``: ``emulated`` or ``measured``). Round 0 is the
-    initial model's evaluation.
+    failures_raised, failures_nonfinite, failures_oversize, failures_hang, actors_lost,
+    source`` (``source``: ``emulated`` or ``measured``). Round 0 is the initial model's
+    evaluation. ``failures`` is the sum of the ``failures_*`` kinds.
 ``devices.csv``
     one row per device and message: ``round, message_type, device_id, node_id, profile,
     device_class, status, compute_s, comm_s, energy_j, compute_energy_j, comm_energy_j,
     peak_mem_bytes, bytes_up, bytes_down, payload_up, payload_down, start_s, finish_s,
     host_s, source, error``. ``status`` is ``ok``, ``straggler`` (past the deadline),
-    ``timeout`` (past the engine's wait), ``dropout`` (went offline), or ``error``.
+    ``timeout`` (past the engine's wait), ``dropout`` (went offline), ``hang`` (never
+    finished), ``nonfinite`` / ``oversize`` (reply rejected by the engine) or ``error``.
 ``summary.json``
     final accuracy, totals, per device class figures, and provenance (config hash,
     package versions, git commit, seed).
@@ -48,7 +50,8 @@ __all__ = [
 ROUND_COLUMNS = [
     "round", "accuracy", "loss", "round_time_s", "clock_s", "bytes_up", "bytes_down",
     "payload_up", "payload_down", "energy_j", "participants", "stragglers", "dropouts",
-    "failures", "failures_budget", "failures_other", "source",
+    "failures", "failures_budget", "failures_raised", "failures_nonfinite",
+    "failures_oversize", "failures_hang", "actors_lost", "source",
 ]
 DEVICE_COLUMNS = [
     "round", "message_type", "device_id", "node_id", "profile", "device_class", "status",
@@ -135,8 +138,10 @@ def round_rows(
     for d in devices:
         by_round[int(d["round"])].append(d)
     span_by: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    span_objs: dict[int, list[Any]] = defaultdict(list)
     for s in spans:
         span_by[_round_of(s.group_id)].append((s.start_s, s.end_s))
+        span_objs[_round_of(s.group_id)].append(s)
     ev = {int(e["round"]): e for e in evals}
     rounds = sorted(set(by_round) | set(ev) | set(span_by))
     rows = []
@@ -148,6 +153,8 @@ def round_rows(
         sp = span_by.get(rnd, [])
         errors = [d for d in train if d["status"] == "error"]
         budget = [d for d in errors if "BudgetError" in str(d.get("error", ""))]
+        kinds = {k: sum(d["status"] == k for d in train) for k in
+                 ("nonfinite", "oversize", "hang")}
         rows.append({
             "round": rnd,
             "accuracy": ev.get(rnd, {}).get("accuracy", ""),
@@ -162,9 +169,13 @@ def round_rows(
             "participants": len(train),
             "stragglers": sum(d["status"] in ("straggler", "timeout") for d in train),
             "dropouts": sum(d["status"] == "dropout" for d in train),
-            "failures": len(errors),
+            "failures": len(errors) + sum(kinds.values()),
             "failures_budget": len(budget),
-            "failures_other": len(errors) - len(budget),
+            "failures_raised": len(errors) - len(budget),
+            "failures_nonfinite": kinds["nonfinite"],
+            "failures_oversize": kinds["oversize"],
+            "failures_hang": kinds["hang"],
+            "actors_lost": sum(getattr(s, "actors_lost", 0) for s in span_objs.get(rnd, [])),
             "source": source,
         })
     # A round ends when the server evaluates its model (the engine stamps that instant);
@@ -213,7 +224,8 @@ def by_device_class(devices: Sequence[Mapping[str, Any]]) -> dict[str, dict[str,
             "mean_comm_s": sum(float(d["comm_s"]) for d in ds) / n,
             "max_peak_mem_bytes": max(int(d["peak_mem_bytes"]) for d in ds),
             "stragglers": sum(d["status"] in ("straggler", "timeout") for d in ds),
-            "failures": sum(d["status"] == "error" for d in ds),
+            "failures": sum(d["status"] in ("error", "nonfinite", "oversize", "hang")
+                            for d in ds),
         }
     return out
 

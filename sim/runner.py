@@ -8,8 +8,11 @@ the same arguments, plus the fleet, so that a Flower user changes one import.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -22,14 +25,16 @@ import torch
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
+from devices.errors import ConfigError
 from devices.fleet import assign_profiles
 from sim import results
 from sim.availability import AlwaysOnline, Availability, diurnal_trace, load_trace
-from sim.config import ExperimentConfig
+from sim.config import ExperimentConfig, from_doc
 from sim.engine import FleetGrid, ReplyRecord, make_slots, run_server_app
 from sim.executor import LocalExecutor, RayExecutor
+from sim.journal import Journal, JournaledExecutor, atomic_write
 
-__all__ = ["RunResult", "run_experiment", "run_simulation"]
+__all__ = ["RunResult", "resume_experiment", "run_experiment", "run_simulation"]
 
 log = logging.getLogger("tinyfleet")
 
@@ -62,7 +67,12 @@ def _availability(cfg: ExperimentConfig) -> Availability:
 
 
 def _executor(
-    client_app: ClientApp, backend: str, actors: int, address: str, count_macs: bool = False
+    client_app: ClientApp,
+    backend: str,
+    actors: int,
+    address: str,
+    count_macs: bool = False,
+    faults: Any = None,
 ) -> Any:
     if backend == "ray":
         runtime_env = None
@@ -72,8 +82,8 @@ def _executor(
             runtime_env = {"working_dir": str(root),
                            "excludes": [".venv", ".git", "results", "bench/out"]}
         return RayExecutor(client_app, actors or None, address=address or None,
-                           runtime_env=runtime_env, count_macs=count_macs)
-    return LocalExecutor(client_app, count_macs=count_macs)
+                           runtime_env=runtime_env, count_macs=count_macs, faults=faults)
+    return LocalExecutor(client_app, count_macs=count_macs, faults=faults)
 
 
 class _Progress:
@@ -118,8 +128,14 @@ def run_experiment(
     ray_address: str | None = None,
     client_app: ClientApp | None = None,
     server_app: ServerApp | None = None,
+    resume: bool = False,
 ) -> RunResult:
-    """Run ``cfg`` on tinyfleet's engine and write results to ``out_dir`` (if given)."""
+    """Run ``cfg`` on tinyfleet's engine and write results to ``out_dir`` (if given).
+
+    With ``out_dir`` every batch of client results is journaled there (``sim.journal``)
+    as it arrives, so that a killed run continues with ``resume=True`` (``tinyfleet
+    resume DIR``) and ends bit-identical to an uninterrupted one.
+    """
     from clients.client_app import app as default_client_app
     from sim.server_app import app as default_server_app
 
@@ -136,12 +152,26 @@ def run_experiment(
     profiles = assign_profiles(cfg.client.fleet.mix, cfg.client.fleet.size, cfg.seed)
     slots = make_slots(profiles, cfg.seed, cfg.client.fleet.link_spread)
     capp = client_app or default_client_app
-    executor = _executor(
-        capp,
-        backend or cfg.engine.backend,
-        cfg.engine.actors if actors is None else actors,
-        cfg.engine.ray_address if ray_address is None else ray_address,
-    )
+    faults = cfg.faults
+    if faults.kill_actor_round:
+        marker = Path(out_dir) / ".faults" if out_dir is not None else Path(
+            tempfile.mkdtemp(prefix="tinyfleet-faults-"))
+        faults = dataclasses.replace(faults, marker_dir=str(marker))
+
+    def make_executor() -> Any:
+        return _executor(
+            capp,
+            backend or cfg.engine.backend,
+            cfg.engine.actors if actors is None else actors,
+            cfg.engine.ray_address if ray_address is None else ray_address,
+            faults=faults if faults.active else None,
+        )
+
+    executor: Any
+    if out_dir is not None:
+        executor = JournaledExecutor(_open_journal(cfg, Path(out_dir), resume), make_executor)
+    else:
+        executor = make_executor()
     bar = _Progress(cfg.rounds, run_key, progress)
     results.publish(run_key, "start", time.time())
     grid = FleetGrid(capp, slots, seed=cfg.seed, run_config=run_config, executor=executor,
@@ -155,6 +185,41 @@ def run_experiment(
     collected = results.collect(run_key)
     results.clear(run_key)
     return _finish(cfg, grid, collected, wall_s, out_dir)
+
+
+def _open_journal(cfg: ExperimentConfig, out: Path, resume: bool) -> Journal:
+    """The run's journal in ``out``; refuse to mix an interrupted run with a new one."""
+    out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out / ".journal")
+    run_file = out / "run.json"
+    if resume:
+        if not run_file.is_file():
+            raise ConfigError(f"resume: {out} holds no run (no run.json)")
+        return journal
+    if len(journal) and not (out / "summary.json").is_file():
+        raise ConfigError(
+            f"--out {out}: holds an interrupted run; continue it with `tinyfleet resume "
+            f"{out}`, or choose another folder (or delete this one)"
+        )
+    journal.clear()
+    for stale in ("summary.json", "rounds.csv", "devices.csv"):
+        (out / stale).unlink(missing_ok=True)
+    atomic_write(run_file, json.dumps({"doc": cfg.doc, "source": cfg.source},
+                                      sort_keys=True, default=str).encode())
+    return journal
+
+
+def resume_experiment(out_dir: str | Path, *, progress: bool = False,
+                      backend: str | None = None, actors: int | None = None) -> RunResult:
+    """Continue the run journaled in ``out_dir`` (see ``run_experiment``)."""
+    out = Path(out_dir)
+    run_file = out / "run.json"
+    if not run_file.is_file():
+        raise ConfigError(f"resume: {out} holds no run (no run.json)")
+    saved = json.loads(run_file.read_text())
+    cfg = from_doc(saved["doc"], saved.get("source", ""))
+    return run_experiment(cfg, out, progress=progress, backend=backend, actors=actors,
+                          resume=True)
 
 
 def _finish(
@@ -184,7 +249,9 @@ def _finish(
         "dropouts": sum(int(r["dropouts"]) for r in rounds),
         "by_device_class": results.by_device_class(devices),
         "fleet": dict(sorted(_count(d.profile.name for d in grid.slots.values()).items())),
-        "engine": {"name": "tinyfleet", "workers": grid.executor.num_workers},
+        "engine": {"name": "tinyfleet", "workers": grid.executor.num_workers,
+                   "replayed_calls": getattr(grid.executor, "replayed", 0),
+                   "actors_replaced": int(getattr(grid.executor, "replaced", 0))},
         "provenance": results.provenance(cfg.hash(), cfg.seed),
         "config": cfg.source,
     }
