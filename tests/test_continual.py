@@ -18,6 +18,7 @@ from clients.continual import (
     apply_domain,
     average_accuracy,
     backward_transfer,
+    continual_from_config,
     ewc_penalty,
     fisher_diagonal,
     forgetting,
@@ -421,3 +422,23 @@ def test_accuracy_row_marks_unseen_tasks(digits: tuple[np.ndarray, np.ndarray]) 
     row = accuracy_row(model, tasks, only=s.seen_tasks(4, 0))
     assert np.isfinite(row[:2]).all() and np.isnan(row[2:]).all()
     assert ((row[:2] >= 0) & (row[:2] <= 1)).all()
+
+
+def test_continual_config_table() -> None:
+    sched, method = continual_from_config({
+        "kind": "domain-shift", "num_tasks": 3, "domains": ["noise", "contrast"],
+        "offset": 1, "method": "replay", "replay_fraction": 0.05, "seed": 4,
+    })
+    assert sched.domains == ("noise", "contrast") and sched.seed == 4
+    assert method.name == "replay" and method.seed == 4
+    mcu = method.for_device(320 * 1024, 1024 * 1024, (1, 8, 8))
+    jetson = method.for_device(4 * 1024**3, 16 * 1024**3, (1, 8, 8))
+    assert mcu.replay_capacity == replay_capacity(320 * 1024, 1024 * 1024,
+                                                  sample_nbytes((1, 8, 8)), 0.05)
+    assert jetson.replay_capacity > 100 * mcu.replay_capacity
+    with pytest.raises(ConfigError, match="unknown"):
+        continual_from_config({"kind": "mix", "capacity": 3})
+    with pytest.raises(ConfigError, match="num_tasks"):
+        continual_from_config({"num_tasks": "5"})
+    with pytest.raises(ConfigError, match="replay_fraction"):
+        continual_from_config({"method": "replay", "replay_fraction": 2.0})

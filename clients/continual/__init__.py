@@ -4,6 +4,7 @@ Lives here: stream schedules and domain transforms, replay buffers, EWC/LwF term
 training loop and forgetting metrics. Must not: aggregate across the fleet or touch Flower.
 """
 
+from clients.continual.config import continual_from_config
 from clients.continual.domains import (
     DOMAINS,
     add_noise,
@@ -46,6 +47,7 @@ __all__ = [
     "average_accuracy",
     "backward_transfer",
     "content_keys",
+    "continual_from_config",
     "distillation_loss",
     "ewc_penalty",
     "fisher_diagonal",

@@ -40,7 +40,7 @@ from torch import nn
 
 from clients.continual.ewc import ewc_penalty, fisher_diagonal
 from clients.continual.lwf import distillation_loss
-from clients.continual.replay import ReplayBuffer
+from clients.continual.replay import ReplayBuffer, replay_capacity, sample_nbytes
 from devices.errors import ConfigError, PayloadError
 
 __all__ = ["METHODS", "ContinualMethod", "pending_fisher", "set_pending_fisher"]
@@ -84,8 +84,11 @@ class ContinualMethod:
     name : str
         One of ``METHODS``.
     replay_capacity : int
-        Buffer size for a device that has none yet (see ``replay_capacity()``); a stored
-        buffer keeps its own.
+        Buffer size for a device that has none yet; a stored buffer keeps its own.
+    replay_fraction : float
+        When > 0, :meth:`for_device` sets ``replay_capacity`` from this share of a device's
+        RAM and storage (see ``replay_capacity()``), so an MCU keeps dozens of samples and
+        a Jetson thousands under one config.
     replay_batch_size : int
         Replayed samples appended to each batch (0: as many as the batch has).
     class_balanced : bool
@@ -104,6 +107,7 @@ class ContinualMethod:
 
     name: str = "finetune"
     replay_capacity: int = 0
+    replay_fraction: float = 0.0
     replay_batch_size: int = 0
     class_balanced: bool = False
     ewc_lambda: float = 100.0
@@ -126,6 +130,9 @@ class ContinualMethod:
             raise ConfigError("continual.replay_capacity/replay_batch_size/fisher_samples: "
                               f"expected >= 0, >= 0, >= 1, got {self.replay_capacity}, "
                               f"{self.replay_batch_size}, {self.fisher_samples}")
+        if not 0.0 <= self.replay_fraction <= 1.0:
+            raise ConfigError(f"continual.replay_fraction: expected a share in [0, 1], got "
+                              f"{self.replay_fraction}")
         if self.ewc_lambda < 0 or self.lwf_alpha < 0 or self.lwf_temperature <= 0:
             raise ConfigError("continual.ewc_lambda/lwf_alpha/lwf_temperature: expected >= 0, "
                               f">= 0, > 0, got {self.ewc_lambda}, {self.lwf_alpha}, "
@@ -143,6 +150,20 @@ class ContinualMethod:
             raise ConfigError(f"continual: unknown keys {unknown}; expected some of "
                               f"{sorted(known | {'method'})}")
         return cls(**kw)
+
+    def for_device(self, ram_bytes: int, storage_bytes: int,
+                   sample_shape: tuple[int, ...]) -> ContinualMethod:
+        """A fresh copy whose ``replay_capacity`` fits this device (when ``replay_fraction``).
+
+        ``sample_shape`` is one input's shape, e.g. ``(1, 8, 8)``; samples are counted as
+        float32 pixels plus an int64 label and an int64 key.
+        """
+        kw = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        if self.uses_replay and self.replay_fraction > 0:
+            kw["replay_capacity"] = replay_capacity(ram_bytes, storage_bytes,
+                                                    sample_nbytes(sample_shape),
+                                                    fraction=self.replay_fraction)
+        return ContinualMethod(**kw)
 
     @property
     def uses_replay(self) -> bool:

@@ -114,8 +114,14 @@ class StreamSchedule:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"continual.kind: expected one of {KINDS}, got {self.kind!r}")
+        ints = ("num_tasks", "rounds_per_task", "num_classes", "classes_per_task", "offset",
+                "jitter", "first_round", "seed")
+        for name in ints:
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise ConfigError(f"continual.{name}: expected an integer, got {v!r}")
         for name in ("num_tasks", "rounds_per_task", "num_classes"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ConfigError(f"continual.{name}: expected an integer >= 1, "
                                   f"got {getattr(self, name)!r}")
         if self.offset < 0 or self.jitter < 0 or self.classes_per_task < 0:
