@@ -442,3 +442,51 @@ def test_continual_config_table() -> None:
         continual_from_config({"num_tasks": "5"})
     with pytest.raises(ConfigError, match="replay_fraction"):
         continual_from_config({"method": "replay", "replay_fraction": 2.0})
+
+
+def test_a_small_fleet_loop_with_shared_fisher(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """The protocol a ClientApp follows: per-device tasks and stores, FedAvg, fleet Fisher."""
+    torch.set_num_threads(1)
+    x, y = digits[0][:400], digits[1][:400]
+    sched = StreamSchedule(kind="domain-shift", num_tasks=2, rounds_per_task=2, offset=2,
+                           seed=3)
+    devices = list(range(8))
+    shards = {d: (x[d::8], y[d::8]) for d in devices}
+    base = ContinualMethod("replay+ewc", replay_fraction=0.05, ewc_lambda=10.0,
+                           fisher_samples=32)
+    store: dict[int, dict[str, np.ndarray]] = {}
+    torch.manual_seed(0)
+    global_model = MLP(64, 16, 1, 10)
+    fleet_fisher: dict[str, np.ndarray] | None = None
+    tasks_by_round = []
+    for rnd in range(1, 7):
+        tasks_by_round.append([sched.task_at(rnd, d) for d in devices])
+        updates, fishers, weights = [], [], []
+        for d in devices:
+            task = sched.task_at(rnd, d)
+            xt, yt = make_task_data(*shards[d], task, sched, seed=d)
+            model = MLP(64, 16, 1, 10)
+            model.load_state_dict(global_model.state_dict())
+            state = store.get(d, {})
+            if fleet_fisher is not None:
+                state = set_pending_fisher(state, fleet_fisher)
+            method = base.for_device(320 * 1024, 1024 * 1024, (1, 8, 8))
+            metrics, store[d] = train_local(model, xt, yt, method=method, epochs=1,
+                                            batch_size=8, lr=0.05, state=state, task=task,
+                                            seed=rnd * 10 + d)
+            assert metrics["replay_size"] <= method.replay_capacity
+            assert metrics["state_bytes"] == sum(v.nbytes for v in store[d].values())
+            updates.append(model.state_dict())
+            fishers.append(pending_fisher(store[d]))
+            weights.append(metrics["fisher_examples"])
+        global_model.load_state_dict({k: torch.stack([u[k] for u in updates]).mean(0)
+                                      for k in updates[0]})
+        fleet_fisher = aggregate_fisher(fishers, weights)
+    # Offsets make devices switch in different rounds; all reach task 1 in the end.
+    assert any(len(set(row)) > 1 for row in tasks_by_round)
+    assert tasks_by_round[-1] == [1] * 8
+    assert sched.tasks_reached(1, devices) == [0] and sched.tasks_reached(6, devices) == [0, 1]
+    for d in devices:  # each device consolidated the fleet's Fisher at its boundary
+        assert any(k.startswith("ewc/fisher/") for k in store[d])
+        assert 0 < len(store[d]["replay/y"]) <= base.for_device(
+            320 * 1024, 1024 * 1024, (1, 8, 8)).replay_capacity

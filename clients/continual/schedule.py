@@ -20,6 +20,7 @@ on the ``seed`` passed to :func:`make_task_data` (e.g. per device).
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -172,6 +173,10 @@ class StreamSchedule:
     def seen_tasks(self, round: int, device_id: int | str) -> list[int]:
         """Every task the device has met by ``round``, the current one included."""
         return list(range(self.task_at(round, device_id) + 1))
+
+    def tasks_reached(self, round: int, device_ids: Iterable[int | str]) -> list[int]:
+        """Tasks that at least one of ``device_ids`` has met by ``round`` (a fleet's row)."""
+        return list(range(max((self.task_at(round, d) for d in device_ids), default=0) + 1))
 
     # -- content --------------------------------------------------------------------------
 

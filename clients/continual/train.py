@@ -1,7 +1,19 @@
 """One local training of a continual-learning method (plain torch SGD, no Flower).
 
 The ClientApp calls :func:`train_local` with the round's task data and the device's stored
-state, and stores the state it returns. Everything is deterministic given ``seed``.
+state, and stores the state it returns. Everything is deterministic given ``seed``. One
+device's round, in outline::
+
+    task = schedule.task_at(server_round, device_id)
+    x_t, y_t = make_task_data(x_dev, y_dev, task, schedule, seed=device_seed)
+    method = base.for_device(profile.ram_bytes, profile.storage_bytes, x_dev.shape[1:])
+    metrics, store[device_id] = train_local(
+        model, x_t, y_t, method=method, epochs=e, batch_size=b, lr=lr,
+        state=store.get(device_id), task=task, seed=round_seed)
+
+With EWC the reply also carries ``pending_fisher(state)`` weighted by
+``metrics["fisher_examples"]``; the server's ``aggregate_fisher`` of those goes back to
+every device, which stores it with ``set_pending_fisher`` before its next round.
 """
 
 from __future__ import annotations
@@ -62,7 +74,8 @@ def train_local(
         replayed ones included), ``steps``, ``replay_size``; where they apply, the mean
         ``ewc_penalty`` / ``distill`` / ``fisher_capped`` and the extra work
         ``teacher_examples`` (LwF forwards) / ``fisher_examples`` (EWC per-sample
-        backwards) for the cost model.
+        backwards) for the cost model, and ``state_bytes``, what the new state takes in
+        the device's storage.
     new_state : dict of str to numpy.ndarray
         The state to store for the device.
     """
@@ -102,4 +115,5 @@ def train_local(
     }
     metrics.update(method.term_means())
     metrics.update({k: float(v) for k, v in method.extra_work().items()})
+    metrics["state_bytes"] = float(sum(v.nbytes for v in new_state.values()))
     return metrics, new_state
