@@ -35,12 +35,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from clients.spec import EXPERIMENT_KEY
 from devices.errors import ConfigError, TinyFleetError
-from sim.certs import Credentials
-from sim.config import ExperimentConfig
+
+if TYPE_CHECKING:  # the process commands stay light: no torch on a SuperNode's start-up
+    from sim.certs import Credentials
+    from sim.config import ExperimentConfig
 
 __all__ = [
     "CONNECTION",
@@ -337,6 +338,8 @@ def stage_app(dest: str | Path, repo: str | Path = _REPO) -> Path:
 
 def run_config_overrides(cfg: ExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
     """The ``--run-config`` file's content: the experiment as one key, the results path."""
+    from clients.spec import EXPERIMENT_KEY
+
     section, _, key = EXPERIMENT_KEY.partition(".")
     return {section: {key: json.dumps(dict(cfg.doc), sort_keys=True),
                       "out": str(Path(out_dir).resolve())}}

@@ -165,7 +165,7 @@ class RecordingGrid(Grid):
         compute = float(metrics.get("compute-s", 0.0))
         total = max(received - sent.created_at - compute, 0.0)
         down = min(max(reply.metadata.created_at - sent.created_at - compute, 0.0), total)
-        error = reply.error.reason if reply.has_error() else ""
+        error = (reply.error.reason or "") if reply.has_error() else ""
         self.records.append(ReplyRecord(
             group_id=sent.group_id,
             message_type=sent.message_type,

@@ -63,7 +63,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         link = deploy.start("superlink", deploy.superlink_command(
             port, creds, database=root / "state.db"), home, root / "logs")
         procs.append(link)
-        assert link.wait_for("Uvicorn running on https://", 60), link.output()[-3000:]
+        assert link.wait_for("Uvicorn running on https://", 90), link.output()[-3000:]
         deploy.write_connection(home, address, creds.ca_cert)
         c.node_ids = [deploy.register_node(home, creds.node_keys[f"node-{i}"][1], f"node-{i}")
                       for i in range(3)]
@@ -73,7 +73,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 private_key=creds.node_keys[f"node-{i}"][0], port=deploy.free_port())
             procs.append(deploy.start(f"node-{i}", cmd, root / f"node-{i}", root / "logs"))
         for p in procs[1:]:
-            assert p.wait_for("SuperNode ID", 60), p.output()[-3000:]
+            assert p.wait_for("SuperNode ID", 90), p.output()[-3000:]
         # Two that must not get in; they try while the experiment runs.
         c.intruders["rogue"] = c.start_node("rogue", "rogue")  # key never registered
         c.intruders["plaintext"] = c.start_node("plaintext", None, tls=False)
