@@ -76,7 +76,7 @@ def compare(a: str | Path, b: str | Path) -> list[dict[str, Any]]:
     ]
     sa, sb = _summary(a), _summary(b)
     for metric in ("final_accuracy", "energy_j", "bytes_up", "bytes_down", "trainings",
-                   "failures"):
+                   "failures", "mean_app_start_s", "mean_round_trip_s"):
         rows.append(_pair("run", "summary", metric, _num(sa.get(metric)),
                           _num(sb.get(metric))))
     rows.append(_pair("run", "summary", "clock_s", _num(ra[-1]["clock_s"]) if ra else math.nan,
