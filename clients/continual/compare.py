@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--tasks", type=int, default=5)
     ap.add_argument("--capacity", type=int, default=62,
                     help="replay samples (62: 5%% of an STM32F746's 320 KB SRAM)")
-    ap.add_argument("--ewc-lambda", type=float, default=1000.0)
+    ap.add_argument("--ewc-lambda", type=float, default=ContinualMethod.ewc_lambda)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
     args = ap.parse_args(argv)
