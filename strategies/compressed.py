@@ -21,8 +21,11 @@ feedback, so what one round loses is sent the next. The inner strategy is config
 their pseudo-gradient against it). A node at version ``v`` gets the chain of update payloads
 since ``v`` and rebuilds ``M`` bitwise (decoding is pure float32 arithmetic; the test suite
 checks both sides agree bit for bit); a node the server has no confirmed version for, or
-whose chain would outweigh the model, gets an exact keyframe (fp32). A node's version is
-confirmed by its successful reply; a failed or missing reply forgets it.
+whose chain would outweigh the model, gets a keyframe: the whole model, exact (fp32) by
+default; with a lossy ``keyframe`` codec the node holds ``decode(keyframe)``, which the
+server knows bitwise and decodes its update against, and gets a keyframe again next time.
+A node's version is confirmed by its successful reply; a failed or missing reply forgets
+it.
 Evaluation messages are not compressed (they are delegated unchanged).
 """
 
@@ -68,6 +71,12 @@ class CompressedStrategy(StrategyWrapper):
     downlink : str, mapping or Codec, optional
         The codec of the global-model updates sent to clients; ``None`` sends plain
         arrays.
+    keyframe : str, mapping or Codec
+        The codec of the whole model sent to a node without a usable reference (default
+        ``"fp32"``, exact). A lossy one (``"sgq:bits=8"``) makes first contacts cheaper:
+        such a node holds ``decode(keyframe)``, which the server knows bitwise and
+        decodes that node's update against, but it is not counted as up to date, so its
+        next round starts from a keyframe again.
 
     Attributes
     ----------
@@ -78,14 +87,16 @@ class CompressedStrategy(StrategyWrapper):
     """
 
     def __init__(self, inner: Strategy, codec: str | Mapping[str, Any] | Codec,
-                 downlink: str | Mapping[str, Any] | Codec | None = None) -> None:
+                 downlink: str | Mapping[str, Any] | Codec | None = None,
+                 keyframe: str | Mapping[str, Any] | Codec = "fp32") -> None:
         super().__init__(inner)
         self.codec = get_codec(codec)
         self.downlink = get_codec(downlink) if downlink is not None else None
         self.payload_failures: dict[int, list[int]] = {}
         self.model: dict[str, np.ndarray] | None = None
         self.version = 0
-        self._keyframe = get_codec("fp32")
+        self._keyframe = get_codec(keyframe)
+        self._exact: set[int] = set()  # nodes sent exactly M this round
         self._residual: dict[str, np.ndarray] = {}
         self._history: list[tuple[int, bytes]] = []  # (version, payload) since oldest kept
         self._node_version: dict[int, int] = {}
@@ -118,9 +129,10 @@ class CompressedStrategy(StrategyWrapper):
             self._history.pop(0)
         return self.model
 
-    def _downlink_record(self, node: int, keyframe: list[bytes]
-                         ) -> tuple[ArrayRecord, dict[str, str | int]]:
-        """The payload record and marker fields that bring ``node`` to the current ``M``."""
+    def _downlink_record(self, node: int, keyframe: list[tuple[bytes, dict[str, np.ndarray]]]
+                         ) -> tuple[ArrayRecord, dict[str, str | int], dict[str, np.ndarray]]:
+        """Payload record, marker fields and the model ``node`` will hold after decoding."""
+        assert self.model is not None
         have = self._node_version.get(node)
         if have is not None:
             chain = [(v, p) for v, p in self._history if v > have]
@@ -129,22 +141,33 @@ class CompressedStrategy(StrategyWrapper):
                 for v, p in chain:
                     record[f"v{v}"] = payload_record(p)[PAYLOAD_KEY]
                     self._bytes_down += len(p)
-                return record, {"down": "chain", "base": have, "version": self.version}
+                self._exact.add(node)
+                return record, {"down": "chain", "base": have, "version": self.version}, \
+                    self.model
         if not keyframe:  # encoded once per round, shared by every node that needs it
-            assert self.model is not None
-            keyframe.append(self._keyframe.encode(self.model))
-        self._bytes_down += len(keyframe[0])
-        return payload_record(keyframe[0]), {"down": "full", "version": self.version}
+            payload = self._keyframe.encode(self.model)
+            decoded = decode_payload(payload)
+            if all(decoded[k].tobytes() == v.tobytes() for k, v in self.model.items()):
+                decoded = self.model
+            keyframe.append((payload, decoded))
+        payload, held = keyframe[0]
+        self._bytes_down += len(payload)
+        exact = held is self.model
+        if exact:
+            self._exact.add(node)
+        return payload_record(payload), {"down": "full",
+                                         "version": self.version if exact else -1}, held
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Configure the inner strategy's round, then compress what its messages carry."""
         self._bytes_down = 0
         self._sent_ref = {}
+        self._exact = set()
         if self.downlink is not None:
             arrays = numpy_to_arrays(self._advance_model(arrays))
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        keyframe: list[bytes] = []
+        keyframe: list[tuple[bytes, dict[str, np.ndarray]]] = []
         converted: dict[int, dict[str, np.ndarray]] = {}
         for msg in messages:
             node = msg.metadata.dst_node_id
@@ -156,9 +179,7 @@ class CompressedStrategy(StrategyWrapper):
             key, rec = next(iter(content.array_records.items()))
             fields: dict[str, str | int] = {"uplink": self.codec.spec}
             if self.downlink is not None:
-                assert self.model is not None
-                self._sent_ref[node] = self.model
-                rec, down = self._downlink_record(node, keyframe)
+                rec, down, self._sent_ref[node] = self._downlink_record(node, keyframe)
                 fields.update(down)
             else:
                 ref = converted.get(id(rec))
@@ -219,7 +240,7 @@ class CompressedStrategy(StrategyWrapper):
             confirmed.add(node)
         if self.downlink is not None:
             for node in self._sent_ref:
-                if node in confirmed:
+                if node in confirmed and node in self._exact:
                     self._node_version[node] = self.version
                 else:
                     self._node_version.pop(node, None)

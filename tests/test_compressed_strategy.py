@@ -326,3 +326,26 @@ def test_through_a_flower_client_app_with_lossy_downlink() -> None:
     for n in grid.nodes:
         ref = arrays_to_numpy(grid.contexts[n].state.array_records[REF_KEY])
         assert all(ref[k].tobytes() == v.tobytes() for k, v in strategy.model.items())
+
+
+def test_lossy_keyframes_stay_bitwise_known_to_the_server() -> None:
+    strategy = CompressedStrategy(_fedavg(fraction=0.5), "sgq", downlink="sgq:bits=3",
+                                  keyframe="sgq:bits=8")
+    exact = CompressedStrategy(_fedavg(fraction=0.5), "sgq", downlink="sgq:bits=3")
+    grid, grid_exact = (_LocalGrid(4, lambda n: [compression_mod()]) for _ in range(2))
+    arrays = numpy_to_arrays(_initial())
+    down = {"lossy": 0.0, "exact": 0.0}
+    for _ in range(5):
+        random.seed(len(grid.sent))
+        result = strategy.start(grid, arrays, num_rounds=1)
+        random.seed(len(grid_exact.sent))
+        down["exact"] += _metric(exact.start(grid_exact, arrays, num_rounds=1), 1, "bytes-down")
+        down["lossy"] += _metric(result, 1, "bytes-down")
+        assert _metric(result, 1, "failures-payload") == 0
+        for node, ref in strategy._sent_ref.items():  # what each client holds, bit for bit
+            held = arrays_to_numpy(grid.contexts[node].state.array_records[REF_KEY])
+            assert all(held[k].tobytes() == v.tobytes() for k, v in ref.items())
+        arrays = result.arrays
+    kinds = [m.content[MARKER_KEY]["version"] for m in grid.sent]
+    assert -1 in kinds  # lossy keyframes were sent (and never confirmed as versions)
+    assert down["lossy"] < down["exact"]
