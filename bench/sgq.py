@@ -203,20 +203,24 @@ def _table(title: str, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-FLEET = [  # (uplink, downlink); None is plain Flower (no compression anywhere)
-    (None, None), ("sgq", None), ("sgq", "sgq"), ("sgq:bits=2", "sgq:bits=2"),
-    ("uniform4", None), ("blockwise4-ef", None), ("topk:ratio=0.01", None),
+FLEET: list[tuple[str | None, str | None, str]] = [
+    # (uplink, downlink, keyframe); None is plain Flower (no compression anywhere)
+    (None, None, "fp32"), ("sgq", None, "fp32"), ("sgq", "sgq", "fp32"),
+    ("sgq", "sgq", "sgq:bits=8"), ("sgq:bits=2", "sgq:bits=2", "sgq:bits=8"),
+    ("uniform4", None, "fp32"), ("blockwise4-ef", None, "fp32"),
+    ("topk:ratio=0.01", None, "fp32"),
 ]
 
 
 @contextlib.contextmanager
-def _compressed_server(uplink: str, downlink: str | None) -> Iterator[None]:
+def _compressed_server(uplink: str, downlink: str | None, keyframe: str) -> Iterator[None]:
     """Wrap the engine's configured strategy in CompressedStrategy for one run."""
     import sim.server_app as server_app
     from strategies.compressed import CompressedStrategy
 
     plain = server_app.make_strategy
-    server_app.make_strategy = lambda cfg: CompressedStrategy(plain(cfg), uplink, downlink)
+    server_app.make_strategy = lambda cfg: CompressedStrategy(plain(cfg), uplink, downlink,
+                                                              keyframe)
     try:
         yield
     finally:
@@ -250,7 +254,7 @@ def fleet(config: str, seeds: list[int], rounds: int | None) -> list[dict[str, A
 
     base = load_config(config)
     out: list[dict[str, Any]] = []
-    for uplink, downlink in FLEET:
+    for uplink, downlink, keyframe in FLEET:
         runs = []
         for seed in seeds:
             cfg = base.with_overrides(seed=seed, **({"rounds": rounds} if rounds else {}))
@@ -258,7 +262,7 @@ def fleet(config: str, seeds: list[int], rounds: int | None) -> list[dict[str, A
             if uplink is None:
                 res = run_experiment(cfg)
             else:
-                with _compressed_server(uplink, downlink):
+                with _compressed_server(uplink, downlink, keyframe):
                     res = run_experiment(cfg, client_app=_compressed_client_app())
             rows = res.rounds
             runs.append({"seed": seed, "accuracy": float(rows[-1]["accuracy"]),
@@ -270,6 +274,7 @@ def fleet(config: str, seeds: list[int], rounds: int | None) -> list[dict[str, A
                          "wall_s": time.perf_counter() - t0})
         acc = np.array([r["accuracy"] for r in runs])
         out.append({"uplink": uplink or "plain", "downlink": downlink or "plain",
+                    "keyframe": keyframe if downlink else "-",
                     "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std()),
                     "bytes_up_mean": float(np.mean([r["bytes_up"] for r in runs])),
                     "bytes_down_mean": float(np.mean([r["bytes_down"] for r in runs])),
@@ -284,10 +289,12 @@ def fleet(config: str, seeds: list[int], rounds: int | None) -> list[dict[str, A
 
 
 def _fleet_table(title: str, rows: list[dict[str, Any]]) -> str:
-    lines = [title, f"{'uplink':18s} {'downlink':12s} {'accuracy':>15s} {'MB up':>8s} "
+    lines = [title, f"{'uplink':16s} {'downlink':11s} {'keyframe':11s} {'accuracy':>15s} "
+             f"{'MB up':>8s} "
              f"{'x up':>6s} {'MB down':>8s} {'x down':>6s} {'stragglers':>10s} {'clock s':>8s}"]
     for r in rows:
-        lines.append(f"{r['uplink']:18s} {r['downlink']:12s} {r['accuracy_mean']:8.3f} "
+        lines.append(f"{r['uplink']:16s} {r['downlink']:11s} {r['keyframe']:11s} "
+                     f"{r['accuracy_mean']:8.3f} "
                      f"+-{r['accuracy_std']:.3f} {r['bytes_up_mean'] / 1e6:8.2f} "
                      f"{r['up_ratio_vs_plain']:6.2f} {r['bytes_down_mean'] / 1e6:8.2f} "
                      f"{r['down_ratio_vs_plain']:6.2f} {r['stragglers_mean']:10.1f} "
