@@ -12,11 +12,13 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from devices.errors import TinyFleetError
 from sim import deploy
 from sim.certs import Credentials, make_credentials
 from sim.cli import main as cli_main
@@ -65,15 +67,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         procs.append(link)
         assert link.wait_for("Uvicorn running on https://", 90), link.output()[-3000:]
         deploy.write_connection(home, address, creds.ca_cert)
-        c.node_ids = [deploy.register_node(home, creds.node_keys[f"node-{i}"][1], f"node-{i}")
-                      for i in range(3)]
+        with ThreadPoolExecutor(3) as pool:  # each `flwr supernode register` is a process
+            c.node_ids = list(pool.map(
+                lambda i: deploy.register_node(home, creds.node_keys[f"node-{i}"][1],
+                                               f"node-{i}"), range(3)))
         for i, device in enumerate(DEVICES):
             cmd = deploy.supernode_command(
                 address, i, 3, device, root_certificates=creds.ca_cert,
                 private_key=creds.node_keys[f"node-{i}"][0], port=deploy.free_port())
             procs.append(deploy.start(f"node-{i}", cmd, root / f"node-{i}", root / "logs"))
-        for p in procs[1:]:
-            assert p.wait_for("SuperNode ID", 90), p.output()[-3000:]
         # Two that must not get in; they try while the experiment runs.
         c.intruders["rogue"] = c.start_node("rogue", "rogue")  # key never registered
         c.intruders["plaintext"] = c.start_node("plaintext", None, tls=False)
@@ -86,21 +88,30 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def real_run(cluster: Cluster) -> Path:
+def runs(cluster: Cluster) -> tuple[Path, Path]:
+    """The deployed run and, simulated while the cluster works, the same config."""
+    from sim.runner import run_experiment
+
     cfg = load_config(CONFIG)
-    out = cluster.root / "results-real"
-    run_id = deploy.submit(cfg, out, cluster.home)
-    deploy.wait_for_run(cluster.home, run_id, out, timeout_s=240)
-    return out
+    real, sim = cluster.root / "results-real", cluster.root / "results-sim"
+    run_id = deploy.submit(cfg, real, cluster.home)  # the ServerApp waits for 3 nodes
+    run_experiment(cfg, sim, progress=False)
+    try:
+        deploy.wait_for_run(cluster.home, run_id, real, timeout_s=240)
+    except TinyFleetError as exc:
+        nodes = "\n".join(f"--- {p.name}\n{p.output()[-1500:]}" for p in cluster.procs[1:4])
+        raise AssertionError(f"{exc}\n{nodes}") from exc
+    return real, sim
 
 
 @pytest.fixture(scope="module")
-def sim_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sim.runner import run_experiment
+def real_run(runs: tuple[Path, Path]) -> Path:
+    return runs[0]
 
-    out = tmp_path_factory.mktemp("sim") / "results-sim"
-    run_experiment(load_config(CONFIG), out, progress=False)
-    return out
+
+@pytest.fixture(scope="module")
+def sim_run(runs: tuple[Path, Path]) -> Path:
+    return runs[1]
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
