@@ -28,7 +28,7 @@ def add_commands(sub: Any) -> None:
     c.add_argument("dir", nargs="?", default=f"{_DIR}/certs")
     c.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
                    help="a name or address SuperNodes use to reach the SuperLink "
-                   "(repeatable; default 127.0.0.1 and localhost)")
+                   "(repeatable; 127.0.0.1 and localhost are always included)")
     c.add_argument("--node", action="append", default=[], metavar="NAME",
                    help="write a key pair nodes/NAME, nodes/NAME.pub (repeatable)")
     c.add_argument("--days", type=int, default=365)
@@ -101,8 +101,10 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "certs":
         from sim.certs import DEFAULT_HOSTS, make_credentials
 
-        cred = make_credentials(args.dir, hosts=args.host or DEFAULT_HOSTS,
-                                nodes=args.node, days=args.days)
+        # The loopback names stay: the CLI on the SuperLink host connects through them.
+        hosts = list(dict.fromkeys([*DEFAULT_HOSTS, *args.host]))
+        cred = make_credentials(args.dir, hosts=hosts, nodes=args.node, days=args.days)
+        print(f"SuperLink certificate for {', '.join(hosts)}")
         print(f"CA {cred.ca_cert}\nSuperLink {cred.server_cert} (key {cred.server_key})")
         for name, (priv, pub) in cred.node_keys.items():
             print(f"node {name}: {priv} (stays on the device), {pub} (register it)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import math
 import ssl
+import sys
 import threading
 import time
 from pathlib import Path
@@ -360,3 +361,31 @@ def test_compare_lines_up_two_folders(tmp_path: Path) -> None:
     assert got[("device_class", "sbc", "mean_energy_j")]["b"] == ""
     with pytest.raises(DataError, match="rounds.csv"):
         compare(tmp_path / "a", tmp_path / "missing")
+
+
+# --- processes -----------------------------------------------------------------------
+
+def test_stop_ends_the_process_and_everything_it_spawned(tmp_path: Path) -> None:
+    # A parent that starts a child in a session of its own, as Flower starts SuperExec.
+    script = ("import subprocess, sys, time; "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+              "start_new_session=True); print(c.pid, flush=True); time.sleep(60)")
+    proc = deploy.start("parent", [sys.executable, "-c", script], tmp_path, tmp_path)
+    deadline = time.monotonic() + 30
+    while not proc.output().strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(proc.output().split()[0])
+    assert deploy._exists(child)
+    proc.stop(grace_s=5)
+    assert not proc.alive and not deploy._exists(child)
+
+
+def test_certs_command_keeps_loopback_names(tmp_path: Path) -> None:
+    from sim.cli import main
+
+    assert main(["certs", str(tmp_path), "--host", "10.1.2.3", "--node", "pi-1"]) == 0
+    srv = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    san = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1",
+                                                                            "10.1.2.3"]
+    assert (tmp_path / "nodes" / "pi-1.pub").is_file()
