@@ -14,7 +14,6 @@ memory, and no device is ever empty.
 from __future__ import annotations
 
 import hashlib
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,8 +113,10 @@ def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
                     f"{path}: expected arrays 'x' (N, C, H, W) and 'y' (N,), found {sorted(f)}"
                 )
             x, y = np.asarray(f["x"]), np.asarray(f["y"])
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+    except DataError:
+        raise
+    except Exception as exc:  # zipfile and numpy's reader raise a zoo of types on bad bytes
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or x.size == 0:

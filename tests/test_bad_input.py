@@ -87,7 +87,7 @@ CHECKED_LATER = {
     "availability.path": "test_unreadable_traces (the trace is read when the run starts)",
 }
 # Cases that need a sibling field set to mean anything.
-CONTEXT = {
+CONTEXT: dict[str, tuple[dict[str, Any], list[Any]]] = {
     "data.path": ({"source": "npz"}, [""]),
     "availability.path": ({"kind": "trace"}, [""]),
     "availability.period_s": ({"kind": "diurnal"}, [0.0]),
