@@ -1,0 +1,111 @@
+"""Fusing the elementwise quantize work with ``torch.compile``, and falling back cleanly.
+
+Eager quantization (scale, divide, add noise, floor, clamp, cast: one pass each) costs
+more than the int8 GEMM saves, so the quantize functions of :mod:`clients.int8.quant` run
+fused under ``torch.compile(dynamic=True)``: one graph for all batch sizes, so a smaller
+last batch does not recompile (inputs are flattened to 1-D, so rank never varies either).
+
+Compiled code is cached on disk by inductor in ``TORCHINDUCTOR_CACHE_DIR``. If that is
+unset when this module is imported it is set to ``<tmp>/tinyfleet-inductor``, one cache
+shared by every process of the machine (simulated clients, tests, benchmarks): the first
+process compiles (seconds per graph on 2 cores), later ones load.
+
+Where compilation is unavailable (no C++ compiler, dynamo unsupported) or fails, the
+eager function runs instead and one warning (``warnings`` and the ``clients.int8`` logger)
+says so; it is never silently slow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["resolve_compile", "fused", "compile_log"]
+
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tinyfleet-inductor")
+)
+
+_log = logging.getLogger("clients.int8")
+_compiled: dict[tuple[str, Callable[..., Any]], Callable[..., Any]] = {}
+_failed: set[str] = set()
+_warned: set[str] = set()
+#: (function name, seconds) of each first call that compiled, for benchmarks/reports.
+compile_log: list[tuple[str, float]] = []
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        _log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def resolve_compile(compile: bool | str) -> bool:
+    """Whether to compile: ``True``/``False`` as given; ``"auto"`` when dynamo and a C++
+    compiler are available (warning once when they are not)."""
+    if compile is True or compile is False:
+        return compile
+    if compile != "auto":
+        raise ValueError(f"compile: expected True, False or 'auto', got {compile!r}")
+    try:
+        import torch._dynamo  # noqa: F401
+        import torch._inductor.config as inductor_config
+    except ImportError as exc:  # pragma: no cover - depends on the torch build
+        msg = f"clients.int8: torch.compile unavailable ({exc}); quantize ops run eager (slow)"
+        _warn_once("auto", msg)
+        return False
+    cxx = inductor_config.cpp.cxx
+    names = [c for c in (cxx if isinstance(cxx, tuple) else (cxx,)) if c]
+    if not any(shutil.which(str(c)) for c in names):
+        _warn_once(
+            "auto", "clients.int8: no C++ compiler for inductor; quantize ops run eager (slow)"
+        )
+        return False
+    return True
+
+
+def fused(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
+    """``fn`` compiled with ``torch.compile(dynamic=True)``, or ``fn`` itself.
+
+    The compiled callable is built once per ``(name, fn)`` and shared by every layer. A
+    failure at compile or run time switches that function to eager for the rest of the
+    process, with one warning.
+    """
+    if not enabled or name in _failed:
+        return fn
+    key = (name, fn)
+    if key not in _compiled:
+        import torch
+
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        state = {"first": True}
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if name in _failed:
+                return fn(*args, **kwargs)
+            try:
+                if state["first"]:
+                    t0 = time.perf_counter()
+                    out = compiled(*args, **kwargs)
+                    compile_log.append((name, time.perf_counter() - t0))
+                    state["first"] = False
+                    return out
+                return compiled(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any compile failure must fall back
+                _failed.add(name)
+                _warn_once(
+                    name,
+                    f"clients.int8: torch.compile of {name} failed ({type(exc).__name__}: "
+                    f"{str(exc)[:200]}); running it eager (slow)",
+                )
+                return fn(*args, **kwargs)
+
+        _compiled[key] = run
+    return _compiled[key]

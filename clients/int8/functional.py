@@ -1,0 +1,261 @@
+"""INT8 linear and 2-D convolution as autograd functions (forward and backward on int8).
+
+Forward: the input and the weight are quantized (absmax scales, stochastic rounding by
+default) and multiplied on an int8 kernel (``torch._int_mm`` for linear, oneDNN's int8
+convolution for conv, see :mod:`clients.int8._kernels`); the int32 result is rescaled by
+``s_x * s_w`` in FP32 and the FP32 bias added.
+
+Backward: the output gradient is PRC-clipped and quantized (symmetric, per tensor, round to
+nearest); ``dX`` and ``dW`` are int8 products of it with the int8 weight and the int8 input
+saved by the forward, rescaled in FP32; ``db`` is the FP32 sum of the output gradient.
+
+Only the int8 (or uint8) codes of the input and the weight are saved for backward, plus
+their FP32 scales; the weight codes are saved only when the input needs a gradient and the
+input codes only when the weight does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from clients.int8 import _kernels as K
+from clients.int8._compile import fused
+from clients.int8.quant import quantize_backward, quantize_forward
+
+__all__ = ["Int8Config", "int8_linear", "int8_conv2d"]
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """Numerics of a quantized layer (see :func:`clients.int8.prepare`)."""
+
+    stochastic: bool = True
+    per_channel: bool = False
+    prc: str = "range"
+    prc_fraction: float = 0.95
+    prc_z: float = 2.5
+    compile: bool = True
+    use_onednn: bool = True
+
+
+# --- the fused elementwise functions (each compiled once, shared by all layers) --------
+
+
+def _q_act(x: torch.Tensor, stochastic: bool, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_forward(x, stochastic=stochastic, offset=offset)
+
+
+def _q_weight_channel(w: torch.Tensor, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_forward(w, stochastic=stochastic, channel_dim=0)
+
+
+def _q_grad(
+    g: torch.Tensor, prc: str, fraction: float, z: float, both: bool
+) -> tuple[torch.Tensor, ...]:
+    q, s = quantize_backward(g, prc=prc, fraction=fraction, z=z)
+    if both:
+        return q, (q.to(torch.int16) + 128).to(torch.uint8), s
+    return q, s
+
+
+def _q_grad_factor(
+    g: torch.Tensor, factor: torch.Tensor, prc: str, fraction: float, z: float, offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_backward(
+        g, prc=prc, fraction=fraction, z=z, channel_factor=factor, offset=offset
+    )
+
+
+def _f(name: str, fn: Callable[..., Any], cfg: Int8Config) -> Callable[..., Any]:
+    return fused(name, fn, cfg.compile)
+
+
+def _flat(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """A 1-D view of ``x`` in memory order, and how to give a same-size result its shape."""
+    shape = x.shape
+    if x.is_contiguous():
+        return x.view(-1), lambda q: q.view(shape)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = shape
+        return x.permute(0, 2, 3, 1).reshape(-1), lambda q: q.view(n, h, w, c).permute(0, 3, 1, 2)
+    return x.contiguous().view(-1), lambda q: q.view(shape)
+
+
+def _quantize_input(x: torch.Tensor, cfg: Int8Config, offset: int) -> tuple[torch.Tensor, Any]:
+    flat, unflat = _flat(x)
+    q, s = _f("quantize_input", _q_act, cfg)(flat, cfg.stochastic, offset)
+    return unflat(q), s
+
+
+def _quantize_weight(w: torch.Tensor, cfg: Int8Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight codes (int8, the weight's shape) and scales as an ``(Co,)`` tensor."""
+    out = w.shape[0]
+    if cfg.per_channel:
+        q, s = _f("quantize_weight_channel", _q_weight_channel, cfg)(
+            w.reshape(out, -1), cfg.stochastic
+        )
+        return q.view(w.shape), s.view(out)
+    q, s = _f("quantize_input", _q_act, cfg)(w.reshape(-1), cfg.stochastic, 0)
+    return q.view(w.shape), s.expand(out)
+
+
+def _quantize_grad(g: torch.Tensor, cfg: Int8Config, both: bool) -> tuple[torch.Tensor, ...]:
+    flat, unflat = _flat(g)
+    out = _f("quantize_grad", _q_grad, cfg)(flat, cfg.prc, cfg.prc_fraction, cfg.prc_z, both)
+    return (*(unflat(t) for t in out[:-1]), out[-1])
+
+
+def _quantize_grad_scaled(
+    g3: torch.Tensor, factor: torch.Tensor, cfg: Int8Config, offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``g3 * factor`` (``g3`` as ``(A, C, B)``, factor ``(1, C, 1)``)."""
+    return _f("quantize_grad_scaled", _q_grad_factor, cfg)(  # type: ignore[no-any-return]
+        g3, factor, cfg.prc, cfg.prc_fraction, cfg.prc_z, offset
+    )
+
+
+# --- linear ---------------------------------------------------------------------------
+
+
+class _Int8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        cfg: Int8Config,
+    ) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        xq, sx = _quantize_input(x2, cfg, 0)
+        wq, sw = _quantize_weight(weight, cfg)
+        y = K.int_mm_scaled(xq, wq.t(), sw * sx)
+        if bias is not None:
+            y = y + bias
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(
+            xq if need_dw else None, wq if need_dx else None, sx, sw if cfg.per_channel else sw[:1]
+        )
+        ctx.cfg, ctx.lead, ctx.has_bias = cfg, lead, bias is not None
+        return y.view(*lead, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        xq, wq, sx, sw = ctx.saved_tensors
+        cfg: Int8Config = ctx.cfg
+        g = gy.reshape(-1, gy.shape[-1])
+        dx = dw = db = None
+        gq, sg = _quantize_grad(g, cfg, both=False)
+        if ctx.needs_input_grad[0]:
+            if cfg.per_channel:
+                gq2, sg2 = _quantize_grad_scaled(g.unsqueeze(-1), sw.view(1, -1, 1), cfg, 0)
+                dx = K.int_mm_scaled(gq2.view(g.shape), wq, sg2)
+            else:
+                dx = K.int_mm_scaled(gq, wq, sg * sw)
+            dx = dx.view(*ctx.lead, wq.shape[1])
+        if ctx.needs_input_grad[1]:
+            dw = K.int_mm_scaled(gq.t().contiguous(), xq, sg * sx)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g.sum(0)
+        return dx, dw, db, None
+
+
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Int8Config
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with forward and backward on int8 GEMMs."""
+    return _Int8Linear.apply(x, weight, bias, cfg)  # type: ignore[no-any-return]
+
+
+# --- conv2d ---------------------------------------------------------------------------
+
+
+class _Int8Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        cfg: Int8Config,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+    ) -> torch.Tensor:
+        Co, Cg, kh, kw = weight.shape
+        fits = max(Cg, Co // groups) * kh * kw <= K.SAFE_K
+        onednn = cfg.use_onednn and fits
+        xq, sx_t = _quantize_input(x, cfg, 128 if onednn else 0)
+        wq, sw = _quantize_weight(weight, cfg)
+        sx = float(sx_t)
+        conv = K.qconv2d if onednn else K.im2col_conv2d
+        y = conv(xq, sx, wq, sw, bias, stride, padding, dilation, groups)
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(xq if need_dw else None, wq if need_dx else None, sw)
+        ctx.sx, ctx.onednn, ctx.cfg, ctx.has_bias = sx, onednn, cfg, bias is not None
+        ctx.geom = (tuple(x.shape[2:]), stride, padding, dilation, groups)
+        ctx.kernel_hw = (kh, kw)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        xq, wq, sw = ctx.saved_tensors
+        cfg: Int8Config = ctx.cfg
+        hw, stride, padding, dilation, groups = ctx.geom
+        onednn: bool = ctx.onednn
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx = dw = db = None
+        both = onednn and need_dx and not cfg.per_channel
+        qs = _quantize_grad(gy, cfg, both=both)
+        gq, sg = qs[0], float(qs[-1])
+        if need_dx:
+            if cfg.per_channel:
+                n, o = gy.shape[:2]
+                g3 = gy.reshape(n, o, -1)
+                gd, sgd_t = _quantize_grad_scaled(g3, sw.view(1, -1, 1), cfg, 128 if onednn else 0)
+                gd, sgd = gd.view(gy.shape), float(sgd_t)
+            else:
+                gd = qs[1] if both else gq
+                sgd = sg * float(sw[0])
+            dgrad = K.qconv2d_input_grad if onednn else K.im2col_conv2d_input_grad
+            dx = dgrad(gd, sgd, wq, hw, stride, padding, dilation, groups)
+        if need_dw:
+            kernel = ctx.kernel_hw
+            use_onednn_dw = onednn and gy.shape[2] * gy.shape[3] <= K.SAFE_K
+            if use_onednn_dw:
+                dw = K.qconv2d_weight_grad(
+                    xq, ctx.sx, gq, sg, kernel, stride, padding, dilation, groups
+                )
+            else:
+                x8 = (xq.to(torch.int16) - 128).to(torch.int8) if onednn else xq
+                dw = K.im2col_conv2d_weight_grad(
+                    x8, ctx.sx, gq, sg, kernel, stride, padding, dilation, groups
+                )
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = gy.sum((0, 2, 3))
+        return dx, dw, db, None, None, None, None, None
+
+
+def int8_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: Int8Config,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """``F.conv2d`` (zero padding, numeric padding only) with forward and backward on int8.
+
+    The output is FP32 in channels-last memory format (oneDNN's layout).
+    """
+    return _Int8Conv2d.apply(  # type: ignore[no-any-return]
+        x, weight, bias, cfg, stride, padding, dilation, groups
+    )

@@ -1,0 +1,192 @@
+"""``prepare``: the model transform that makes conv/linear layers train in INT8.
+
+In the style of ``torch.ao.quantization.prepare_qat``: it takes a model and returns one
+whose ``nn.Linear`` and ``nn.Conv2d`` layers are :class:`Int8Linear` /
+:class:`Int8Conv2d`, sharing the original parameters. Every other layer (norms,
+activations, pooling) is left as it is, in FP32.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection
+
+from torch import nn
+
+from clients.int8 import _kernels
+from clients.int8._compile import resolve_compile
+from clients.int8.functional import Int8Config
+from clients.int8.modules import Int8Conv2d, Int8Linear
+from devices.errors import ConfigError
+
+__all__ = ["prepare", "UNSUPPORTED"]
+
+#: Layer types with weights that INT8 training does not cover: ``prepare`` refuses them
+#: unless they are left in FP32 (``leave_fp32``).
+UNSUPPORTED: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.RNNBase,
+    nn.RNNCellBase,
+    nn.Bilinear,
+    nn.MultiheadAttention,
+)
+
+
+def _resolve_conv_padding(name: str, m: nn.Conv2d) -> tuple[int, int] | None:
+    """Numeric padding of a Conv2d, or None where the int8 path cannot express it."""
+    if m.padding_mode != "zeros":
+        return None
+    pad = m.padding
+    if pad == "valid":
+        return (0, 0)
+    if pad == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
+        if any(t % 2 for t in total):
+            return None
+        return (total[0] // 2, total[1] // 2)
+    assert not isinstance(pad, str)
+    return (int(pad[0]), int(pad[1]))
+
+
+def _unsupported_reason(m: nn.Module) -> str | None:
+    if isinstance(m, UNSUPPORTED):
+        return type(m).__name__
+    if isinstance(m, nn.Conv2d) and type(m) is nn.Conv2d and _resolve_conv_padding("", m) is None:
+        return f"Conv2d(padding={m.padding!r}, padding_mode={m.padding_mode!r})"
+    return None
+
+
+def prepare(
+    model: nn.Module,
+    *,
+    prc: bool | str = True,
+    lac: bool = True,
+    qas: bool = False,
+    stochastic: bool = True,
+    per_channel: bool = False,
+    leave_fp32: Collection[str] | bool = False,
+    compile: bool | str = "auto",
+    inplace: bool = False,
+    prc_fraction: float = 0.95,
+    prc_z: float = 2.5,
+) -> nn.Module:
+    """Make a model's ``nn.Linear`` and ``nn.Conv2d`` layers train in INT8 (Octo).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The FP32 model.
+    prc : bool or str
+        Parameterized range clipping of the output gradient before it is quantized:
+        ``True`` or ``"range"`` clips to ``[0.95 min, 0.95 max]`` (the authors' code,
+        fraction ``prc_fraction``), ``"sigma"`` to ``mean +- prc_z * std``, ``False`` not
+        at all.
+    lac : bool
+        Add loss-aware compensation parameters to each quantized layer (add
+        :func:`lac_penalty` to the loss).
+    qas : bool
+        Quantization-aware gradient scaling (Lin et al. 2022). Not offered: this path
+        trains FP32 master weights, whose gradients already have FP32 scale, which is
+        what QAS restores for integer-unit weights; ``True`` raises ``ConfigError``.
+    stochastic : bool
+        Stochastic rounding of the forward operands (else round to nearest).
+    per_channel : bool
+        Per-output-channel weight scales (else one per tensor).
+    leave_fp32 : bool or collection of str
+        ``True`` leaves every unsupported layer in FP32 instead of raising; a collection
+        names modules (by ``named_modules`` name) to keep in FP32, supported or not.
+    compile : bool or "auto"
+        Fuse the quantize ops with ``torch.compile`` ("auto": when available).
+    inplace : bool
+        Convert ``model`` itself instead of a deep copy.
+
+    Returns
+    -------
+    nn.Module
+        The converted model (``model`` itself if ``inplace``).
+
+    Raises
+    ------
+    ConfigError
+        For an unsupported layer (listed by name) not left in FP32, or bad options.
+    """
+    if qas:
+        raise ConfigError(
+            "int8.qas: QAS gradient scaling is not implemented (FP32 master weights already "
+            "get FP32-scale gradients); expected qas=False"
+        )
+    if prc is True:
+        mode = "range"
+    elif prc is False:
+        mode = "none"
+    elif prc in ("range", "sigma", "none"):
+        mode = str(prc)
+    else:
+        raise ConfigError(f"int8.prc: expected a bool, 'range', 'sigma' or 'none', got {prc!r}")
+    if not 0.0 < prc_fraction <= 1.0:
+        raise ConfigError(f"int8.prc_fraction: expected a value in (0, 1], got {prc_fraction}")
+    if prc_z <= 0:
+        raise ConfigError(f"int8.prc_z: expected a positive value, got {prc_z}")
+    try:
+        do_compile = resolve_compile(compile)
+    except ValueError as exc:
+        raise ConfigError(f"int8.compile: {exc}") from exc
+    keep_all = leave_fp32 is True
+    keep: set[str] = set() if isinstance(leave_fp32, bool) else {str(n) for n in leave_fp32}
+    names = {n for n, _ in model.named_modules()}
+    missing = sorted(keep - names)
+    if missing:
+        raise ConfigError(f"int8.leave_fp32: no modules named {missing} in the model")
+
+    def kept(name: str) -> bool:
+        return any(name == k or name.startswith(k + ".") for k in keep)
+
+    bad = [
+        f"{name} ({reason})"
+        for name, m in model.named_modules()
+        if (reason := _unsupported_reason(m)) is not None and not keep_all and not kept(name)
+    ]
+    if bad:
+        raise ConfigError(
+            "int8: layers not supported by INT8 training: " + ", ".join(bad)
+            + "; leave them in FP32 with leave_fp32=True or leave_fp32=[names]"
+        )  # fmt: skip
+    cfg = Int8Config(
+        stochastic=stochastic,
+        per_channel=per_channel,
+        prc=mode,
+        prc_fraction=prc_fraction,
+        prc_z=prc_z,
+        compile=do_compile,
+        use_onednn=_kernels.onednn_conv_available(),
+    )
+    if not inplace:
+        model = copy.deepcopy(model)
+    _swap(model, "", cfg, lac, kept)
+    return model
+
+
+def _swap(module: nn.Module, prefix: str, cfg: Int8Config, lac: bool, kept: object) -> None:
+    assert callable(kept)
+    if isinstance(module, UNSUPPORTED):
+        return  # left in FP32 (checked above), and never convert inside it (e.g. MHA)
+    for child_name, child in module.named_children():
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        if kept(name):
+            continue
+        new: nn.Module | None = None
+        if type(child) is nn.Linear:
+            new = Int8Linear.from_float(child, cfg, lac)
+        elif type(child) is nn.Conv2d:
+            pad = _resolve_conv_padding(name, child)
+            if pad is not None:
+                new = Int8Conv2d.from_float(child, cfg, lac)
+                new.padding = pad
+        if new is not None:
+            setattr(module, child_name, new)
+        else:
+            _swap(child, name, cfg, lac, kept)

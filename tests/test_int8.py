@@ -1,0 +1,198 @@
+"""INT8 training (clients.int8): layer gradients vs FP32, saved tensors, training, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clients.int8 import Int8Config, export, exported_size_bytes, lac_penalty, prepare
+from clients.int8.functional import int8_conv2d, int8_linear
+from clients.int8.quant import quantize_backward, quantize_forward, round_stochastic
+from clients.models import MLP, SmallCNN
+from devices.errors import ConfigError
+
+EAGER = Int8Config(compile=False, prc="none")
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.detach().flatten(), b.detach().flatten(), dim=0))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+CONV_CASES = [
+    # (N, C, H, W), (O, C/g, kh, kw), stride, padding, dilation, groups
+    ((4, 8, 9, 9), (12, 8, 3, 3), 1, 1, 1, 1),
+    ((4, 8, 10, 11), (12, 8, 3, 3), 2, 1, 1, 1),
+    ((4, 8, 10, 10), (12, 4, 3, 3), 1, 2, 2, 2),
+    ((4, 16, 8, 8), (16, 1, 3, 3), 1, 1, 1, 16),
+    ((4, 16, 9, 9), (16, 1, 3, 3), 2, 1, 1, 16),
+    ((3, 6, 8, 8), (8, 6, 5, 5), 3, 2, 1, 1),
+    ((4, 8, 6, 6), (8, 8, 1, 1), 1, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_gradients_match_fp32(case: tuple, per_channel: bool) -> None:
+    xs, ws, s, p, d, g = case
+    torch.manual_seed(0)
+    cfg = Int8Config(compile=False, prc="none", per_channel=per_channel)
+    x = torch.randn(xs, requires_grad=True)
+    w = (torch.randn(ws) * 0.2).requires_grad_()
+    b = torch.randn(ws[0], requires_grad=True)
+    y_ref = F.conv2d(x, w, b, s, p, d, g)
+    gy = torch.randn_like(y_ref)
+    dx_ref, dw_ref, db_ref = torch.autograd.grad(y_ref, (x, w, b), gy)
+    y = int8_conv2d(x, w, b, cfg, (s, s), (p, p), (d, d), g)
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), gy)
+    assert y.shape == y_ref.shape
+    assert _rel(y, y_ref) < 0.05
+    assert _rel(dx, dx_ref) < 0.05 and _cos(dx, dx_ref) > 0.995
+    assert _rel(dw, dw_ref) < 0.05 and _cos(dw, dw_ref) > 0.995
+    torch.testing.assert_close(db, db_ref)
+
+
+@pytest.mark.parametrize("shape", [(64, 48, 40), (1, 1, 1), (17, 33, 7), (5, 3, 2, 9, 4)])
+def test_linear_gradients_match_fp32(shape: tuple) -> None:
+    torch.manual_seed(0)
+    *lead, k, n = shape
+    x = torch.randn(*lead, k, requires_grad=True)
+    w = torch.randn(n, k, requires_grad=True)
+    b = torch.randn(n, requires_grad=True)
+    y_ref = F.linear(x, w, b)
+    gy = torch.randn_like(y_ref)
+    ref = torch.autograd.grad(y_ref, (x, w, b), gy)
+    y = int8_linear(x, w, b, EAGER)
+    got = torch.autograd.grad(y, (x, w, b), gy)
+    tol = 0.05 if x.numel() > 8 else 0.3  # a 1x1 product has one rounding error
+    assert _rel(y, y_ref) < tol
+    for a, r in zip(got[:2], ref[:2], strict=True):
+        assert a.shape == r.shape
+        assert _rel(a, r) < tol
+    torch.testing.assert_close(got[2], ref[2])
+
+
+def test_saved_tensors_are_int8() -> None:
+    torch.manual_seed(0)
+    model = prepare(SmallCNN(), compile=False)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    x = torch.randn(8, 1, 8, 8)
+    layers = [m for m in model.modules() if hasattr(m, "cfg")]
+    outs: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for m in layers:
+            # Call each quantized layer alone so only its own saved tensors are recorded.
+            inp = (
+                torch.randn(8, m.in_channels, 8, 8)
+                if hasattr(m, "in_channels")
+                else (torch.randn(8, m.in_features))
+            )
+            outs.append(m(inp.requires_grad_()))
+    assert saved
+    big = [t for t in saved if t.dtype not in (torch.int8, torch.uint8)]
+    # Anything not int8 is a scale: at most one value per output channel.
+    assert all(t.numel() <= 64 for t in big), [(t.dtype, t.shape) for t in big]
+    int_bytes = sum(t.numel() for t in saved if t.dtype in (torch.int8, torch.uint8))
+    assert int_bytes > 0
+    model(x).sum().backward()
+
+
+def test_stochastic_rounding_unbiased() -> None:
+    torch.manual_seed(0)
+    v = torch.tensor([0.1, 0.5, -0.3, 2.75, -1.9]).repeat(20000, 1)
+    r = round_stochastic(v)
+    assert torch.allclose(r.mean(0), v[0], atol=0.02)
+    assert set(torch.unique(r[:, 0]).tolist()) == {0.0, 1.0}
+    # Through quantize_forward: E[q * s] equals the input.
+    x = torch.randn(64)
+    acc = torch.zeros(64)
+    for _ in range(2000):
+        q, s = quantize_forward(x, stochastic=True)
+        acc += q.float() * s
+    assert (acc / 2000 - x).abs().max() < 0.1 * float(x.abs().max() / 127) + 1e-3
+
+
+def test_prc_clips_range() -> None:
+    g = torch.linspace(-1, 2, 1001)
+    q, s = quantize_backward(g, prc="range")
+    assert abs(float(s) - 0.95 * 2 / 127) < 1e-6
+    assert int(q.min()) == round(-0.95 / float(s)) and int(q.max()) == 127
+    g2 = torch.randn(10000)
+    g2[0] = 100.0
+    _, s_sigma = quantize_backward(g2, prc="sigma", z=2.5)
+    _, s_none = quantize_backward(g2, prc="none")
+    assert float(s_sigma) < 0.1 * float(s_none)
+
+
+def _train(model: nn.Module, steps: int, sizes: list[int]) -> list[float]:
+    torch.manual_seed(1)
+    x = torch.randn(sum(sizes), 1, 8, 8)
+    y = (x[:, 0, :4].mean((1, 2)) > 0).long() + 2 * (x[:, 0, :, :4].mean((1, 2)) > 0).long()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        total, i = 0.0, 0
+        for n in sizes:
+            out = model(x[i : i + n])
+            loss = F.cross_entropy(out, y[i : i + n]) + lac_penalty(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss) * n
+            i += n
+        losses.append(total / sum(sizes))
+    return losses
+
+
+def test_small_cnn_trains_with_varying_batches() -> None:
+    torch.manual_seed(0)
+    model = prepare(SmallCNN(), compile=False)
+    losses = _train(model, 6, [32, 32, 32, 11])
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_unsupported_layers_raise() -> None:
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.ConvTranspose2d(2, 2, 3), nn.Linear(4, 4))
+    with pytest.raises(ConfigError, match=r"0 \(Conv1d\).*1 \(ConvTranspose2d\)"):
+        prepare(model, compile=False)
+    lstm = nn.ModuleDict({"rnn": nn.LSTM(4, 4), "head": nn.Linear(4, 2)})
+    with pytest.raises(ConfigError, match="rnn"):
+        prepare(lstm, compile=False)
+    ok = prepare(model, leave_fp32=True, compile=False)
+    assert type(ok[0]) is nn.Conv1d and type(ok[2]).__name__ == "Int8Linear"
+    ok2 = prepare(model, leave_fp32=["0", "1", "2"], compile=False)
+    assert type(ok2[2]) is nn.Linear
+    with pytest.raises(ConfigError, match="leave_fp32"):
+        prepare(model, leave_fp32=["nope"], compile=False)
+
+
+def test_prepare_does_not_touch_original() -> None:
+    m = MLP()
+    p = prepare(m, compile=False)
+    assert type(m.net[1]) is nn.Linear and type(p.net[1]).__name__ == "Int8Linear"
+    assert prepare(m, inplace=True, compile=False) is m
+
+
+def test_export_sizes() -> None:
+    model = prepare(MLP(in_features=256, hidden=256), compile=False)
+    fp32 = sum(p.numel() * 4 for n, p in model.named_parameters() if n.endswith("weight"))
+    e = export(model)
+    w_int = sum(t.numel() for k, t in e.items() if k.endswith("weight_int8"))
+    assert w_int * 4 == fp32
+    assert all(t.dtype == torch.int8 for k, t in e.items() if k.endswith("weight_int8"))
+    total_fp32 = sum(p.numel() * 4 for n, p in model.named_parameters() if "lac" not in n)
+    assert exported_size_bytes(e) < 0.27 * total_fp32
+    # The codes reproduce the weights to within half a quantization step.
+    w = model.net[1].weight
+    recon = e["net.1.weight_int8"].float() * e["net.1.weight_scale"]
+    assert (recon - w).abs().max() <= 0.51 * float(e["net.1.weight_scale"])
