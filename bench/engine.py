@@ -19,7 +19,11 @@ no deadline) for ``R`` rounds. Reported apart:
 - ``steady_tps``: client trainings per second over rounds 2..R: the trainings of those
   rounds over the wall time from the end of round 1's training to the end of round R's
   (so it includes the server's aggregation and evaluation between rounds).
-- ``x_floor``: ``steady_tps`` over the floor's, measured in the same repetition.
+- ``x_floor``: ``steady_tps`` over the mean of the floor runs just before and just
+  after it (every engine run is bracketed by floor runs: floor, engine, floor, ...).
+- ``cpu_ms_per_training``: CPU time of the whole process tree (driver, Ray's actors,
+  raylet, GCS) over rounds 2..R per training, and the driver's share: what a training
+  costs in CPU, which other load on a shared machine moves far less than wall time.
 
 Workloads: ``overhead`` (small CNN width 8 on digits, 1,000 devices, 10% per round),
 ``compute`` (small CNN width 32 on synthetic 3x32x32 images, 100 devices, 20%), and
@@ -126,12 +130,29 @@ def _actor_peaks() -> dict[str, int]:
     return peaks
 
 
+def _tree_cpu_s() -> tuple[float, float]:
+    """CPU seconds used so far by this process and by all its descendants (Ray's actors,
+    raylet and GCS among them): a cost that, unlike wall time, other load hardly moves."""
+    t = os.times()
+    tick = os.sysconf("SC_CLK_TCK")
+    others = 0.0
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        others += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return t.user + t.system, others
+
+
 class _Marks:
-    """Wall instants of the end of each round's training (and actor peaks seen so far)."""
+    """Wall instants (and CPU used) at the end of each round's training; actor peaks."""
 
     def __init__(self, t0: float, watch_actors: bool) -> None:
         self.t0 = t0
         self.ends: dict[int, float] = {}
+        self.cpu: dict[int, tuple[float, float]] = {}
         self.watch_actors = watch_actors
         self.actors: dict[str, int] = {}
 
@@ -144,6 +165,7 @@ class _Marks:
         except ValueError:
             return
         self.ends[rnd] = time.perf_counter() - self.t0
+        self.cpu[rnd] = _tree_cpu_s()
         if self.watch_actors:
             for k, v in _actor_peaks().items():
                 self.actors[k] = max(v, self.actors.get(k, 0))
@@ -157,7 +179,7 @@ def _trainings_by_round(devices: list[dict[str, Any]]) -> dict[int, int]:
     return out
 
 
-def _run_tinyfleet(cfg: Any, backend: str, actors: int, marks: _Marks) -> dict[str, int]:
+def _run_tinyfleet(cfg: Any, backend: str, actors: int, marks: _Marks) -> dict[int, int]:
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
 
@@ -185,7 +207,7 @@ def _run_tinyfleet(cfg: Any, backend: str, actors: int, marks: _Marks) -> dict[s
     return _trainings_by_round(res.devices)
 
 
-def _run_flower(cfg: Any, marks: _Marks) -> dict[str, int]:
+def _run_flower(cfg: Any, marks: _Marks) -> dict[int, int]:
     from sim.flower_engine import run_with_flower
 
     res = run_with_flower(cfg, None, on_progress=lambda g: marks(g.spans))
@@ -194,7 +216,7 @@ def _run_flower(cfg: Any, marks: _Marks) -> dict[str, int]:
     return _trainings_by_round(res.devices)
 
 
-def _run_floor(cfg: Any, marks: _Marks) -> dict[str, int]:
+def _run_floor(cfg: Any, marks: _Marks) -> dict[int, int]:
     """The same trainings back to back: ``app(msg, ctx)`` on one thread, nothing else."""
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -227,6 +249,7 @@ def _run_floor(cfg: Any, marks: _Marks) -> dict[str, int]:
                 raise RuntimeError(reply.error.reason)
         counts[rnd] = k
         marks.ends[rnd] = time.perf_counter() - marks.t0
+        marks.cpu[rnd] = _tree_cpu_s()
     return counts
 
 
@@ -255,6 +278,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     steady_s = ends[r] - ends[1] if r >= 2 else float("nan")
     tps = steady_n / steady_s if steady_s > 0 else float("nan")
     round_s = steady_s / (r - 1) if r >= 2 else float("nan")
+    (d1, o1), (dr, o_r) = marks.cpu[1], marks.cpu[r]
+    n = max(steady_n, 1)
     return {
         "engine": engine,
         "workload": spec["workload"],
@@ -265,6 +290,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "startup_s": ends[1] - round_s,
         "steady_trainings": steady_n,
         "steady_tps": tps,
+        # CPU per steady training, driver and all its descendants (ms).
+        "cpu_ms_per_training": 1e3 * ((dr - d1) + (o_r - o1)) / n,
+        "driver_cpu_ms_per_training": 1e3 * (dr - d1) / n,
         "wall_s": wall,
         "driver_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "actor_peak_rss": marks.actors,
@@ -307,8 +335,8 @@ def _table(rows: list[dict[str, Any]], workload: str) -> str:
             by.setdefault(r["engine"], []).append(r)
     lines = [
         "| engine | first round (s) | start-up (s) | steady round (s) | steady trainings/s "
-        "| x floor | x flower | driver peak RSS (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| x floor | x flower | CPU ms / training (driver) | driver peak RSS (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for eng in ENGINES:
         rs = by.get(eng)
@@ -316,11 +344,14 @@ def _table(rows: list[dict[str, Any]], workload: str) -> str:
             continue
         med = {k: statistics.median(r[k] for r in rs)
                for k in ("first_round_s", "startup_s", "steady_round_s", "steady_tps",
-                         "x_floor", "x_flower", "driver_peak_rss")}
+                         "x_floor", "x_flower", "driver_peak_rss", "cpu_ms_per_training",
+                         "driver_cpu_ms_per_training")}
         lines.append(
             f"| {eng} | {med['first_round_s']:.2f} | {med['startup_s']:.2f} "
             f"| {med['steady_round_s']:.3f} | {med['steady_tps']:.0f} "
-            f"| {med['x_floor']:.2f} | {med['x_flower']:.2f} | {_mb(med['driver_peak_rss'])} |"
+            f"| {med['x_floor']:.2f} | {med['x_flower']:.2f} "
+            f"| {med['cpu_ms_per_training']:.1f} ({med['driver_cpu_ms_per_training']:.1f}) "
+            f"| {_mb(med['driver_peak_rss'])} |"
         )
     return "\n".join(lines)
 
@@ -343,14 +374,20 @@ def _scale_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _with_ratios(rep: list[dict[str, Any]]) -> None:
-    base = {r["workload"]: r["steady_tps"] for r in rep if r["engine"] == "floor"}
-    flw = {r["workload"]: r["steady_tps"] for r in rep if r["engine"] == "flower"}
-    for r in rep:
-        r["x_floor"] = r["steady_tps"] / base[r["workload"]] if r["workload"] in base \
-            else float("nan")
-        r["x_flower"] = r["steady_tps"] / flw[r["workload"]] if r["workload"] in flw \
-            else float("nan")
+def _bracketed(rows: list[dict[str, Any]]) -> None:
+    """``x_floor``: each engine's throughput over the mean of the floor runs just before
+    and just after it (load on a shared machine drifts over minutes, not seconds);
+    ``x_flower``: that ratio over Flower's in the same repetition."""
+    for i, r in enumerate(rows):
+        if r["engine"] == "floor":
+            r["x_floor"] = 1.0
+            continue
+        near = [rows[j]["steady_tps"] for j in (i - 1, i + 1)
+                if 0 <= j < len(rows) and rows[j]["engine"] == "floor"]
+        r["x_floor"] = r["steady_tps"] / statistics.mean(near) if near else float("nan")
+    flw = [r["x_floor"] for r in rows if r["engine"] == "flower"]
+    for r in rows:
+        r["x_flower"] = r["x_floor"] / flw[0] if flw else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,20 +418,25 @@ def main(argv: list[str] | None = None) -> int:
     workloads = [w for w in a.workloads.split(",") if w]
     rows: list[dict[str, Any]] = []
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    others = [e for e in engines if e != "floor"]
     for rep in range(reps):
-        rep_rows = []
         for w in workloads:
-            order = engines[rep % len(engines):] + engines[: rep % len(engines)]
-            if rep % 2:
-                order = order[::-1]
+            # floor, engine, floor, engine, ..., floor; each repetition rotates the order.
+            k = rep % max(len(others), 1)
+            order = others[k:] + others[:k]
+            seq = ["floor"]
             for eng in order:
+                seq += [eng, "floor"]
+            rep_rows = []
+            for eng in seq:
                 r = _measure({"engine": eng, "workload": w, "rounds": rounds})
                 r["rep"] = rep
                 log(f"rep {rep} {w:8s} {eng:16s} first {r['first_round_s']:6.2f}s "
-                    f"steady {r['steady_tps']:7.1f}/s wall {r['wall_s']:6.1f}s")
+                    f"steady {r['steady_tps']:7.1f}/s cpu {r['cpu_ms_per_training']:6.1f} ms/tr "
+                    f"wall {r['wall_s']:6.1f}s load {os.getloadavg()[0]:.1f}")
                 rep_rows.append(r)
-        _with_ratios(rep_rows)
-        rows += rep_rows
+            _bracketed(rep_rows)
+            rows += rep_rows
     if not (a.quick or a.no_scale):
         r = _measure({"engine": "tinyfleet-ray2", "workload": "scale", "rounds": 3})
         r["rep"] = 0
@@ -413,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     for w in workloads:
-        print(f"\n### {w} (R = {rounds}, median of {reps} interleaved repetitions)\n")
+        print(f"\n### {w} (R = {rounds}, median of {reps} repetition(s); each engine "
+              f"between two floor runs)\n")
         print(_table(rows, w))
     if any(r["workload"] == "scale" for r in rows):
         print("\n### scale: 10,000 devices at 10%\n")
