@@ -205,8 +205,10 @@ def _table(title: str, rows: list[dict[str, Any]]) -> str:
 
 FLEET: list[tuple[str | None, str | None, str]] = [
     # (uplink, downlink, keyframe); None is plain Flower (no compression anywhere)
+    # (a lossy keyframe means every downlink message is a keyframe: no node holds the
+    # server's model exactly, so the downlink codec itself is not used)
     (None, None, "fp32"), ("sgq", None, "fp32"), ("sgq", "sgq", "fp32"),
-    ("sgq", "sgq", "sgq:bits=8"), ("sgq:bits=2", "sgq:bits=2", "sgq:bits=8"),
+    ("sgq:bits=2", "sgq:bits=2", "fp32"), ("sgq", "sgq", "sgq:bits=8"),
     ("uniform4", None, "fp32"), ("blockwise4-ef", None, "fp32"),
     ("topk:ratio=0.01", None, "fp32"),
 ]

@@ -75,8 +75,9 @@ class CompressedStrategy(StrategyWrapper):
         The codec of the whole model sent to a node without a usable reference (default
         ``"fp32"``, exact). A lossy one (``"sgq:bits=8"``) makes first contacts cheaper:
         such a node holds ``decode(keyframe)``, which the server knows bitwise and
-        decodes that node's update against, but it is not counted as up to date, so its
-        next round starts from a keyframe again.
+        decodes that node's update against, but it never holds ``M`` exactly, so every
+        message to it is a keyframe (the ``downlink`` codec is then not used for it):
+        a lossy broadcast of the model, worth it when nodes rarely return.
 
     Attributes
     ----------
