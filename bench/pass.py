@@ -262,8 +262,8 @@ def main() -> None:
         "key-frame period, so a cache cannot ride on key frames alone)",
     )
     parser.add_argument("--train-streams", type=int, default=30)
-    parser.add_argument("--train-steps", type=int, default=150)
-    parser.add_argument("--gate-steps", type=int, default=60)
+    parser.add_argument("--train-steps", type=int, default=100)
+    parser.add_argument("--gate-steps", type=int, default=40)
     parser.add_argument("--gate-lr", type=float, default=1e-2)
     parser.add_argument("--sparsity", type=float, default=1.0)
     parser.add_argument("--clip-length", type=int, default=16)

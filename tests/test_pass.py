@@ -17,6 +17,7 @@ from clients.pass_skip import (
     gather_cells,
     gumbel_gate,
     mask_table,
+    neighbour_max,
     pad_map,
     plan_block,
     prepare,
@@ -92,6 +93,13 @@ def test_mask_table_marks_the_outside_of_border_windows() -> None:
     centre, corner = masks[4, 0], masks[0, 0]
     assert bool((centre == 1).all())
     assert corner[:2].sum() == 0 and corner[:, :2].sum() == 0 and corner[2:, 2:].min() == 1
+
+
+def test_neighbour_max_matches_max_pool_on_non_negative_grids() -> None:
+    x = torch.rand(2, 3, 5, 7)
+    for r in (1, 2):
+        want = nn.functional.max_pool2d(x, 2 * r + 1, stride=1, padding=r)
+        assert torch.equal(neighbour_max(x, r), want)
 
 
 def test_strided_max_pool_matches_max_pool() -> None:

@@ -11,6 +11,7 @@ from clients.pass_skip.gates import (
     PatchGate,
     ThresholdGate,
     gumbel_gate,
+    neighbour_max,
     patch_mean_abs_diff,
 )
 from clients.pass_skip.geometry import (
@@ -59,6 +60,7 @@ __all__ = [
     "fold_batch_norm",
     "gather_cells",
     "mask_table",
+    "neighbour_max",
     "gumbel_gate",
     "layer_spec",
     "patch_mean_abs_diff",

@@ -52,6 +52,7 @@ class Change:
     old: torch.Tensor
     new: torch.Tensor
     old_map: torch.Tensor | None = None
+    new_map: torch.Tensor | None = None
 
 
 class PatchConv(nn.Module):
@@ -302,8 +303,9 @@ class PatchBlock(nn.Module):
         """Run the block on the whole map (most patches chosen); report every cell."""
         gh, gw = self._grid
         old_map = self._out.clone(memory_format=torch.channels_last)
-        self._out.copy_(self.block(self._x))
+        out = self.block(self._x)
+        self._out.copy_(out)
         self.executed_macs += gate_macs + self.full_macs_per_frame
         self.executed_patches += gh * gw
         empty = old_map.new_zeros((0,))
-        return Change(torch.arange(gh * gw), empty, empty, old_map)
+        return Change(torch.arange(gh * gw), empty, empty, old_map, out)

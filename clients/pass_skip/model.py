@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from clients.pass_skip.executor import PatchBlock, block_stride
+from clients.pass_skip.executor import Change, PatchBlock, block_stride
 from clients.pass_skip.gates import LearnedGate, PatchGate, ThresholdGate, gumbel_gate
 from devices.errors import ConfigError, DataError
 
@@ -176,9 +176,16 @@ class PassModel(nn.Module):
                     h = block.keyframe(h)
             else:
                 blocks[0].input_view.copy_(frame)
-                change = None
-                for block, aligned in zip(blocks, self._aligned, strict=True):
+                change: Change | None = None
+                for b, (block, aligned) in enumerate(zip(blocks, self._aligned, strict=True)):
                     change = block.step(change if aligned else None)
+                    if change.new_map is not None:
+                        # Most of this block changed: run the rest whole (exact, and
+                        # cheaper than gating maps that will mostly change too).
+                        h = change.new_map
+                        for later in blocks[b + 1 :]:
+                            h = later.keyframe(h)
+                        break
             out = self.head(self._final)
             if self._head_macs is None:
                 self._head_macs = _head_macs(self.head, self._final)
@@ -335,7 +342,8 @@ def prepare(
         Hidden channels of the learned gate.
     dense_above : float
         A block whose gate chooses more than this share of its patches runs on the whole
-        map instead (exact, counted as full MACs); 1.0 (default) never does.
+        map instead, and so do the blocks after it on that frame (exact, counted as full
+        MACs); 1.0 (default) never does.
     halo_aware : bool
         Threshold gate only: also compute the patches a change reaches through the
         block's receptive-field halo (see ``ThresholdGate``); False is the literal
