@@ -214,7 +214,8 @@ def _model_and_data(cfg: ExperimentConfig) -> tuple[int, int, int]:
 
 def _sampled(cfg: ExperimentConfig) -> int:
     s, size = cfg.strategy, cfg.client.fleet.size
-    train = max(int(size * s.fraction_train), s.min_train)
+    over = float(getattr(s, "overcommit", 1.0))  # strategies.OverCommit samples more
+    train = max(int(size * min(1.0, s.fraction_train * over)), s.min_train)
     evaluate = int(size * s.fraction_evaluate)
     return min(size, max(train, evaluate))
 

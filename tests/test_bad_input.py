@@ -71,6 +71,7 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "strategy.min_train": [0, 50],
     "strategy.deadline_s": [-1.0, math.nan],
     "strategy.timeout_s": [0.0, -1.0],
+    "strategy.overcommit": [0.5],  # OverCommit samples factor x more: >= 1
     "strategy.args": [{"no_such_argument": 1}],
     "engine.name": ["spark"],
     "engine.backend": ["mpi"],
@@ -125,7 +126,8 @@ def test_wrong_type_names_the_field(table: str, field: str, kind: str) -> None:
 
 def test_every_field_has_a_range_case() -> None:
     every = {f"{t}.{f}" for t, f, _ in ALL_FIELDS}
-    assert every == set(OUT_OF_RANGE) | set(CHECKED_LATER)
+    missing = every - set(OUT_OF_RANGE) - set(CHECKED_LATER)
+    assert not missing, f"add out-of-range cases (and validation) for {sorted(missing)}"
 
 
 @pytest.mark.parametrize(
