@@ -163,8 +163,10 @@ def test_random_faults_tables(table: dict[str, Any]) -> None:
 
 _flat = st.dictionaries(
     st.one_of(st.text(max_size=10), st.sampled_from(["train.lr", "fleet.size", "fleet.mix",
-                                                     "data", "data.alpha", "a.b.c", "a.b"])),
-    st.one_of(_scalars, st.text(max_size=10).map(lambda s: "json:" + s)),
+                                                     "data", "data.alpha", "a.b.c", "a.b",
+                                                     "tinyfleet.experiment"])),
+    st.one_of(_scalars, st.text(max_size=10).map(lambda s: "json:" + s),
+              _values.map(json.dumps), _values.map(lambda v: "json:" + json.dumps(v))),
     max_size=6,
 )
 
