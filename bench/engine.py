@@ -302,18 +302,26 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 # -------------------------------------------------------------------------- parent side
 
 
-def _measure(spec: dict[str, Any], profile: bool = False) -> dict[str, Any]:
+def _measure(spec: dict[str, Any], profile: bool = False,
+             timeout_s: float = 900.0) -> dict[str, Any]:
+    """One measurement in a fresh process; a failed one is a row with an ``error``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable]
         if profile:
             cmd += ["-m", "cProfile", "-o", str(Path(tmp) / "prof")]
         cmd += [__file__, "--child", json.dumps(spec), "--result", str(out)]
+        # RAY_ADDRESS=local: start a Ray of our own. Without it ray.init() joins the
+        # latest cluster anyone on this machine started with `ray start`.
         env = {**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-               "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+               "PYTHONWARNINGS": "ignore", "RAY_ADDRESS": "local"}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {**spec, "error": f"timed out after {timeout_s} s"}
         if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"{spec} failed:\n{proc.stderr[-3000:]}")
+            return {**spec, "error": proc.stderr[-3000:]}
         if profile:
             import pstats
 
@@ -331,7 +339,7 @@ def _mb(n: float) -> str:
 def _table(rows: list[dict[str, Any]], workload: str) -> str:
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if r["workload"] == workload:
+        if r["workload"] == workload and "error" not in r:
             by.setdefault(r["engine"], []).append(r)
     lines = [
         "| engine | first round (s) | start-up (s) | steady round (s) | steady trainings/s "
@@ -363,7 +371,7 @@ def _scale_table(rows: list[dict[str, Any]]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        if r["workload"] != "scale":
+        if r["workload"] != "scale" or "error" in r:
             continue
         actors = ", ".join(_mb(v) for v in sorted(r["actor_peak_rss"].values())) or "-"
         lines.append(
@@ -431,16 +439,19 @@ def main(argv: list[str] | None = None) -> int:
             for eng in seq:
                 r = _measure({"engine": eng, "workload": w, "rounds": rounds})
                 r["rep"] = rep
+                rep_rows.append(r)
+                if "error" in r:
+                    log(f"rep {rep} {w:8s} {eng:16s} FAILED: {r['error'][-500:]}")
+                    continue
                 log(f"rep {rep} {w:8s} {eng:16s} first {r['first_round_s']:6.2f}s "
                     f"steady {r['steady_tps']:7.1f}/s cpu {r['cpu_ms_per_training']:6.1f} ms/tr "
                     f"wall {r['wall_s']:6.1f}s load {os.getloadavg()[0]:.1f}")
-                rep_rows.append(r)
-            _bracketed(rep_rows)
+            _bracketed([r for r in rep_rows if "error" not in r])
             rows += rep_rows
     if not (a.quick or a.no_scale):
         r = _measure({"engine": "tinyfleet-ray2", "workload": "scale", "rounds": 3})
         r["rep"] = 0
-        log(f"scale tinyfleet-ray2 wall {r['wall_s']:.1f}s")
+        log(f"scale tinyfleet-ray2: {r['error'] if 'error' in r else r['wall_s']} ")
         rows.append(r)
     meta = {
         "command": "bench/engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -458,7 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n### {w} (R = {rounds}, median of {reps} repetition(s); each engine "
               f"between two floor runs)\n")
         print(_table(rows, w))
-    if any(r["workload"] == "scale" for r in rows):
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        print(f"\n{len(failed)} measurement(s) failed: "
+              + ", ".join(f"{r['engine']}/{r['workload']}" for r in failed))
+    if any(r["workload"] == "scale" and "error" not in r for r in rows):
         print("\n### scale: 10,000 devices at 10%\n")
         print(_scale_table(rows))
     print(f"\n-> {OUT}")

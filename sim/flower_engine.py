@@ -24,6 +24,7 @@ record the proxy removes before measuring or passing the reply on).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 import uuid
@@ -347,7 +348,10 @@ def run_with_flower(
     torch.manual_seed(cfg.seed)
     backend_config = {
         "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"include_dashboard": False, "log_to_driver": False},
+        # "local": a Ray of its own; without an address ray.init() joins the latest
+        # cluster anyone on this machine started with `ray start`.
+        "init_args": {"include_dashboard": False, "log_to_driver": False,
+                      "address": os.environ.get("RAY_ADDRESS") or "local"},
     }
     try:
         run_simulation(server_app=sapp, client_app=capp,
