@@ -29,6 +29,18 @@ def test_int_mm_odd_shapes_exact(mkn: tuple[int, int, int]) -> None:
     assert torch.equal(K.int_mm(a, b.t().contiguous().t()).double(), ref)
 
 
+@pytest.mark.parametrize("mn", [(1, 1), (1, 3), (3, 1)])
+def test_int_mm_transposed_size1_operands(mn: tuple[int, int]) -> None:
+    # torch's own _int_mm is wrong for (K, 1).t() at this K; the wrapper must not be.
+    m, n = mn
+    k = 20_000
+    a = torch.full((k, m), 127, dtype=torch.int8).t()
+    b = torch.full((n, k), 127, dtype=torch.int8).t()
+    ref = torch.full((m, n), 127.0 * 127 * k, dtype=torch.float64)
+    assert torch.equal(K.int_mm(a, b).double(), ref)
+    assert torch.equal(K.int_mm(a.contiguous(), b.contiguous()).double(), ref)
+
+
 def test_int_mm_does_not_overflow_at_large_k() -> None:
     k = 200_000
     torch.manual_seed(0)

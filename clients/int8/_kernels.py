@@ -108,6 +108,25 @@ def to_u8(q: torch.Tensor) -> torch.Tensor:
     return (q.to(torch.int16) + 128).to(torch.uint8)
 
 
+def _operand(t: torch.Tensor) -> torch.Tensor:
+    """An int8 matrix in a layout ``torch._int_mm`` gets right.
+
+    torch 2.13's CPU ``_int_mm`` returns garbage for a column-major operand with a size-1
+    dimension (e.g. ``(K, 1).t()``, strides ``(1, 1)``) once ``K`` is in the thousands
+    (found here, covered by a test); such operands are re-laid out row-major (a copy of
+    at most ``K`` bytes). Other transposed views are fine and are passed as they are.
+    """
+    if 1 in t.shape and t.stride()[-1] != 1:
+        return t.reshape(-1).view(t.shape)
+    if 1 in t.shape and t.shape[-1] != 1 and t.stride()[0] != t.shape[-1]:
+        return t.reshape(-1).view(t.shape)
+    return t
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch._int_mm(_operand(a), _operand(b))
+
+
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` of int8 matrices, exact, as FP32; never overflows.
 
@@ -127,10 +146,10 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     K = a.shape[1]
     if K <= SAFE_K:
-        return torch._int_mm(a, b).float()
+        return _mm(a, b).float()
     out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32)
     for k0 in range(0, K, SAFE_K):
-        out += torch._int_mm(a[:, k0 : k0 + SAFE_K].contiguous(), b[k0 : k0 + SAFE_K]).float()
+        out += _mm(a[:, k0 : k0 + SAFE_K], b[k0 : k0 + SAFE_K])
     return out
 
 
@@ -138,7 +157,7 @@ def int_mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torc
     """``(a @ b) * scale`` for int8 ``a``, ``b`` (``scale`` broadcasts over the output)."""
     K = a.shape[1]
     if K <= SAFE_K:
-        return torch._int_mm(a, b) * scale
+        return _mm(a, b) * scale
     return int_mm(a, b) * scale
 
 
@@ -293,40 +312,47 @@ def qconv2d_weight_grad(
     dilation: Sequence[int],
     groups: int,
 ) -> torch.Tensor:
-    """Weight gradient of a convolution on oneDNN's int8 convolution.
+    """Weight gradient of a convolution on int8 kernels.
 
-    ``dW[o, c] = sum_{n, h, w} g[n, o, h, w] * x_pad[n, c, h*s + i*d, w*s + j*d]`` is itself
-    a convolution once batch and channels swap places: the input is ``x`` as
-    ``(C/groups, groups*N, H, W)``, the "weight" is ``g`` as ``(Co, N, Ho, Wo)``, with the
-    forward's stride as dilation and its dilation as stride, ``groups`` groups. The inner
-    dimension is ``N * Ho * Wo``, so the batch is split into chunks of at most
-    :data:`SAFE_K` products and the chunks are added in FP32. (Measured on 2 cores,
-    64x128x16x16, 3x3, one thread: 18 ms against 30 ms for FP32 and 50 ms for
-    im2col + ``_int_mm``; see ``bench/int8.py``.)
+    ``dW[o, c, i, j] = sum_{n, h, w} g[n, o, h, w] * x_pad[n, c, h*s + i*d, w*s + j*d]``.
+    Two ways, chosen by shape (both measured by ``bench/int8.py``'s kernel table):
+
+    * stride 1, one group: :func:`_shifted_gemm_weight_grad`, ``kh * kw`` int8 GEMMs on
+      shifted views (no im2col copy, no weight prepack);
+    * otherwise a oneDNN int8 convolution with batch and channels swapped: the input is
+      ``x`` as ``(C/groups, groups*N, H, W)``, the "weight" ``g`` as ``(O, N, Ho, Wo)``,
+      with the forward's stride as dilation and its dilation as stride. Prepacking that
+      large "weight" is the slow part (about 40% of the call).
+
+    The inner dimension (``N * Ho * Wo`` or more) is split by samples into chunks of at
+    most :data:`SAFE_K` products, added in FP32.
 
     Parameters
     ----------
     x_u8 : Tensor
         ``(N, C, H, W)`` uint8 forward input, zero point 128.
     g_q : Tensor
-        ``(N, Co, Ho, Wo)`` int8 output gradient (symmetric).
+        ``(N, O, Ho, Wo)`` int8 output gradient (symmetric).
     kernel_hw : (int, int)
         The forward kernel's size.
 
     Returns
     -------
     Tensor
-        ``(Co, C // groups, kh, kw)`` float32, ``x_scale * g_scale`` applied.
+        ``(O, C // groups, kh, kw)`` float32, ``x_scale * g_scale`` applied.
     """
     st, pa, di = _pair(stride), _pair(padding), _pair(dilation)
     N, C, H, W = x_u8.shape
     _, Co, Ho, Wo = g_q.shape
+    kh, kw = int(kernel_hw[0]), int(kernel_hw[1])
+    if groups == 1 and st == [1, 1] and (H + 2 * pa[0]) * (W + 2 * pa[1]) <= SAFE_K:
+        dw = _shifted_gemm_weight_grad(x_u8, g_q, (kh, kw), pa, di)
+        return dw * (float(x_scale) * float(g_scale))
     Cg, Og = C // groups, Co // groups
     per_sample = Ho * Wo
     if per_sample > SAFE_K:
         raise ValueError(f"qconv2d_weight_grad: Ho*Wo={per_sample} exceeds SAFE_K={SAFE_K}")
     chunk = max(1, SAFE_K // per_sample)
-    kh, kw = int(kernel_hw[0]), int(kernel_hw[1])
     total: torch.Tensor | None = None
     scales = torch.full((Co,), float(g_scale), dtype=torch.float64)
     for n0 in range(0, N, chunk):
@@ -339,6 +365,47 @@ def qconv2d_weight_grad(
         total = out if total is None else total + out
     assert total is not None
     return total.permute(1, 0, 2, 3).contiguous()
+
+
+def _shifted_gemm_weight_grad(
+    x_u8: torch.Tensor,
+    g_q: torch.Tensor,
+    kernel_hw: tuple[int, int],
+    padding: list[int],
+    dilation: list[int],
+) -> torch.Tensor:
+    """Unscaled ``dW`` of a stride-1, one-group convolution as ``kh * kw`` int8 GEMMs.
+
+    ``x`` is laid out once as a zero-padded ``(N * Hp * Wp, C)`` int8 matrix (rows are
+    pixels of the padded grid) and ``g`` as an ``(N * Hp * Wp, O)`` matrix holding
+    ``g[n, :, h, w]`` at the row of pixel ``(h, w)`` and zeros elsewhere. Kernel offset
+    ``(i, j)`` then reads ``x`` at row ``r + i*d*Wp + j*d`` for output row ``r``: a
+    contiguous slice, so ``dW[:, :, i, j] = x[off : off + L].T @ g`` without any im2col
+    copy. The zero rows of ``g`` cost ``Hp*Wp / (Ho*Wo)`` more MACs (1.27x at 16x16).
+    """
+    N, C, H, W = x_u8.shape
+    _, Co, Ho, Wo = g_q.shape
+    kh, kw = kernel_hw
+    Hp, Wp = H + 2 * padding[0], W + 2 * padding[1]
+    per = Hp * Wp
+    L = N * per
+    ext = dilation[0] * (kh - 1) * Wp + dilation[1] * (kw - 1)
+    xp = torch.zeros(L + ext, C, dtype=torch.int8)
+    xp[:L].view(N, Hp, Wp, C)[:, padding[0] : padding[0] + H, padding[1] : padding[1] + W] = (
+        x_u8.permute(0, 2, 3, 1).to(torch.int16) - 128
+    ).to(torch.int8)
+    gb = torch.zeros(L, Co, dtype=torch.int8)
+    gb.view(N, Hp, Wp, Co)[:, :Ho, :Wo] = g_q.permute(0, 2, 3, 1)
+    out = torch.zeros(C, Co, kh, kw)
+    chunk = max(1, SAFE_K // per) * per
+    for r0 in range(0, L, chunk):
+        r1 = min(L, r0 + chunk)
+        gc = gb[r0:r1]
+        for i in range(kh):
+            for j in range(kw):
+                off = r0 + i * dilation[0] * Wp + j * dilation[1]
+                out[:, :, i, j] += _mm(xp[off : off + (r1 - r0)].t(), gc)
+    return out.permute(1, 0, 2, 3).contiguous()
 
 
 # --------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 
 from clients.int8 import _kernels as K
 from clients.int8._compile import fused
-from clients.int8.quant import quantize_backward, quantize_forward
+from clients.int8.quant import new_seed, quantize_backward, quantize_forward
 
 __all__ = ["Int8Config", "int8_linear", "int8_conv2d"]
 
@@ -45,12 +45,21 @@ class Int8Config:
 # --- the fused elementwise functions (each compiled once, shared by all layers) --------
 
 
-def _q_act(x: torch.Tensor, stochastic: bool, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_forward(x, stochastic=stochastic, offset=offset)
+def _q_act(
+    x: torch.Tensor, stochastic: bool, offset: int, seed: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_forward(x, stochastic=stochastic, offset=offset, seed=seed)
 
 
-def _q_weight_channel(w: torch.Tensor, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_forward(w, stochastic=stochastic, channel_dim=0)
+def _q_weight_channel(
+    w: torch.Tensor, stochastic: bool, seed: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_forward(w, stochastic=stochastic, channel_dim=0, seed=seed)
+
+
+def _seed(cfg: Int8Config) -> torch.Tensor | None:
+    """Hash-noise seed on the compiled path (fused noise), None for eager ``rand_like``."""
+    return new_seed() if cfg.compile and cfg.stochastic else None
 
 
 def _q_grad(
@@ -87,19 +96,27 @@ def _flat(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch
 
 def _quantize_input(x: torch.Tensor, cfg: Int8Config, offset: int) -> tuple[torch.Tensor, Any]:
     flat, unflat = _flat(x)
-    q, s = _f("quantize_input", _q_act, cfg)(flat, cfg.stochastic, offset)
+    q, s = _f("quantize_input", _q_act, cfg)(flat, cfg.stochastic, offset, _seed(cfg))
     return unflat(q), s
 
 
-def _quantize_weight(w: torch.Tensor, cfg: Int8Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight codes (int8, the weight's shape) and scales as an ``(Co,)`` tensor."""
+def _quantize_weight(
+    w: torch.Tensor, cfg: Int8Config, stochastic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight codes (int8, the weight's shape) and scales as an ``(Co,)`` tensor.
+
+    The forward rounds as configured; the backward re-quantizes the FP32 weight with round
+    to nearest (the authors' rule for the backward operands), so the codes need not be
+    saved between the passes.
+    """
     out = w.shape[0]
+    seed = _seed(cfg) if stochastic else None
     if cfg.per_channel:
         q, s = _f("quantize_weight_channel", _q_weight_channel, cfg)(
-            w.reshape(out, -1), cfg.stochastic
+            w.detach().reshape(out, -1), stochastic, seed
         )
         return q.view(w.shape), s.view(out)
-    q, s = _f("quantize_input", _q_act, cfg)(w.reshape(-1), cfg.stochastic, 0)
+    q, s = _f("quantize_input", _q_act, cfg)(w.detach().reshape(-1), stochastic, 0, seed)
     return q.view(w.shape), s.expand(out)
 
 
@@ -133,30 +150,30 @@ class _Int8Linear(torch.autograd.Function):
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         xq, sx = _quantize_input(x2, cfg, 0)
-        wq, sw = _quantize_weight(weight, cfg)
+        wq, sw = _quantize_weight(weight, cfg, cfg.stochastic)
         y = K.int_mm_scaled(xq, wq.t(), sw * sx)
         if bias is not None:
             y = y + bias
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.save_for_backward(
-            xq if need_dw else None, wq if need_dx else None, sx, sw if cfg.per_channel else sw[:1]
-        )
+        # The weight itself (no copy) is saved, to be re-quantized in backward.
+        ctx.save_for_backward(xq if need_dw else None, weight if need_dx else None, sx)
         ctx.cfg, ctx.lead, ctx.has_bias = cfg, lead, bias is not None
         return y.view(*lead, weight.shape[0])
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        xq, wq, sx, sw = ctx.saved_tensors
+        xq, weight, sx = ctx.saved_tensors
         cfg: Int8Config = ctx.cfg
         g = gy.reshape(-1, gy.shape[-1])
         dx = dw = db = None
         gq, sg = _quantize_grad(g, cfg, both=False)
         if ctx.needs_input_grad[0]:
+            wq, sw = _quantize_weight(weight, cfg, False)
             if cfg.per_channel:
                 gq2, sg2 = _quantize_grad_scaled(g.unsqueeze(-1), sw.view(1, -1, 1), cfg, 0)
                 dx = K.int_mm_scaled(gq2.view(g.shape), wq, sg2)
             else:
-                dx = K.int_mm_scaled(gq, wq, sg * sw)
+                dx = K.int_mm_scaled(gq, wq, sg * sw[:1])
             dx = dx.view(*ctx.lead, wq.shape[1])
         if ctx.needs_input_grad[1]:
             dw = K.int_mm_scaled(gq.t().contiguous(), xq, sg * sx)
@@ -192,12 +209,13 @@ class _Int8Conv2d(torch.autograd.Function):
         fits = max(Cg, Co // groups) * kh * kw <= K.SAFE_K
         onednn = cfg.use_onednn and fits
         xq, sx_t = _quantize_input(x, cfg, 128 if onednn else 0)
-        wq, sw = _quantize_weight(weight, cfg)
+        wq, sw = _quantize_weight(weight, cfg, cfg.stochastic)
         sx = float(sx_t)
         conv = K.qconv2d if onednn else K.im2col_conv2d
         y = conv(xq, sx, wq, sw, bias, stride, padding, dilation, groups)
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.save_for_backward(xq if need_dw else None, wq if need_dx else None, sw)
+        # The weight itself (no copy) is saved, to be re-quantized in backward.
+        ctx.save_for_backward(xq if need_dw else None, weight if need_dx else None)
         ctx.sx, ctx.onednn, ctx.cfg, ctx.has_bias = sx, onednn, cfg, bias is not None
         ctx.geom = (tuple(x.shape[2:]), stride, padding, dilation, groups)
         ctx.kernel_hw = (kh, kw)
@@ -205,7 +223,7 @@ class _Int8Conv2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        xq, wq, sw = ctx.saved_tensors
+        xq, weight = ctx.saved_tensors
         cfg: Int8Config = ctx.cfg
         hw, stride, padding, dilation, groups = ctx.geom
         onednn: bool = ctx.onednn
@@ -215,6 +233,7 @@ class _Int8Conv2d(torch.autograd.Function):
         qs = _quantize_grad(gy, cfg, both=both)
         gq, sg = qs[0], float(qs[-1])
         if need_dx:
+            wq, sw = _quantize_weight(weight, cfg, False)
             if cfg.per_channel:
                 n, o = gy.shape[:2]
                 g3 = gy.reshape(n, o, -1)
