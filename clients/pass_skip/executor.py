@@ -44,14 +44,13 @@ __all__ = ["PatchBlock", "PatchConv", "Change", "block_stride"]
 class Change:
     """Cells of a map rewritten this frame: flat cell indices (n,) and old/new patches.
 
-    After a dense run every cell was rewritten; ``old_map`` then holds the whole previous
-    map instead of per-patch copies (``old`` and ``new`` are empty).
+    After a dense run every cell was rewritten; ``new_map`` then holds the whole new map
+    (``old`` and ``new`` are empty) and the caller runs the following blocks whole.
     """
 
     cells: torch.Tensor
     old: torch.Tensor
     new: torch.Tensor
-    old_map: torch.Tensor | None = None
     new_map: torch.Tensor | None = None
 
 
@@ -259,17 +258,14 @@ class PatchBlock(nn.Module):
             raise ConfigError("pass: a block must see a key frame before a gated frame")
         gh, gw = self._grid
         gate = self.gate
-        if change is None or change.old_map is not None:
-            if change is not None and change.old_map is not None:
-                previous = change.old_map
-            elif self._prev is not None:
-                previous = self._prev
-            else:
+        if change is not None and change.new_map is not None:
+            raise ConfigError("pass: after a dense block the next blocks must run whole")
+        if change is None:
+            if self._prev is None:
                 raise ConfigError("pass: block without a change record needs track_prev=True")
-            features = gate.cell_features(self._x, previous).contiguous()
+            features = gate.cell_features(self._x, self._prev).contiguous()
             self._static = gate.static_features(self._x).contiguous()
-            if self._prev is not None:
-                self._prev.copy_(self._x)
+            self._prev.copy_(self._x)
             featured = gh * gw
         else:
             features = self._static.clone(memory_format=torch.contiguous_format)
@@ -302,10 +298,9 @@ class PatchBlock(nn.Module):
     def _dense(self, gate_macs: int) -> Change:
         """Run the block on the whole map (most patches chosen); report every cell."""
         gh, gw = self._grid
-        old_map = self._out.clone(memory_format=torch.channels_last)
         out = self.block(self._x)
         self._out.copy_(out)
         self.executed_macs += gate_macs + self.full_macs_per_frame
         self.executed_patches += gh * gw
-        empty = old_map.new_zeros((0,))
-        return Change(torch.arange(gh * gw), empty, empty, old_map, out)
+        empty = out.new_zeros((0,))
+        return Change(torch.arange(gh * gw), empty, empty, out)
