@@ -1,10 +1,20 @@
-"""Benchmark of PASS patch skipping: full computation, threshold gate and learned gate.
+"""Benchmark of PASS patch skipping: full computation, threshold gates and learned gate.
 
 Per seed: train ``PerceptionNet`` (batch norm, then folded into the convolutions) on
-generated 48x48 streams of "train" digits, prepare it twice (threshold gate, learned
-gate), train the learned gates on clips of those streams (backbone frozen: all three
-variants share the very same weights), then run the three variants side by side, frame by
-frame, on two test streams of unseen ("test") digits at ``--size`` px:
+generated 48x48 streams of "train" digits (digit switches every 5-7 frames), prepare it
+three times, train the learned gates on 16-frame clips of those streams (backbone frozen:
+every variant shares the very same weights), then run four variants side by side, frame
+by frame, on two test streams of unseen ("test") digits at ``--size`` px, the digit
+switching every 12 frames (not a multiple of the key-frame period 16):
+
+- ``full``: the unmodified model (channels-last, its faster layout here);
+- ``threshold-patch``: the literal baseline gate, mean |x_t - x_{t-1}| over the patch > tau;
+- ``threshold``: the same, halo-aware (a change also triggers the neighbours it reaches
+  through the block's receptive field);
+- ``learned``: the learned gate (threshold prior + bounded learned residual, Gumbel /
+  straight-through training with a sparsity loss and distillation from the full model).
+
+Streams:
 
 - ``static``: one slow sprite over a still background (``clients.video.STATIC_BACKGROUND``);
 - ``high-motion``: three fast sprites, a drifting background, a shaky camera and sensor
