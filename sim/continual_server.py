@@ -20,9 +20,10 @@ rows of that matrix ``R`` (``NaN`` for tasks not reached) give, per round:
     Chaudhry et al.'s forgetting on the rounds so far: for each reached task but the
     newest, the best accuracy it had in an earlier round minus its accuracy now;
 ``bwt``
-    backward transfer on the task matrix whose row ``i`` is the last round in which task
-    ``i`` was the newest the fleet had reached (``clients.continual.task_matrix``), the
-    current round standing for the newest task;
+    backward transfer over the tasks the *whole* fleet has left: for each such task ``j``,
+    accuracy now minus accuracy in the last round in which some device still trained on
+    it (devices switch at different rounds, so a task is fully learned only when its
+    slowest device leaves it; the first device's switch would catch it half-learned);
 ``tasks_seen``
     how many tasks the fleet has reached.
 
@@ -54,11 +55,10 @@ from clients.continual import (
     backward_transfer,
     forgetting,
     make_task_data,
-    task_matrix,
 )
 from clients.continual_app import FISHER_PREFIX, FLEET_FISHER_KEY, continual_of
 from clients.training import evaluate_model
-from devices.errors import PayloadError
+from devices.errors import DataError, PayloadError
 from sim import results
 from sim.server_app import config_from_run_config, make_strategy
 from strategies.wrapper import StrategyWrapper
@@ -153,21 +153,27 @@ def with_fisher_sharing(strategy: Strategy) -> tuple[Strategy, FisherSharing]:
     return strategy, sharing
 
 
-def fleet_metrics(matrix: np.ndarray, reached: Sequence[int]) -> dict[str, float]:
+def fleet_metrics(matrix: np.ndarray, oldest: Sequence[int]) -> dict[str, float]:
     """Average accuracy, forgetting and BWT of the latest row of a per-round matrix.
 
     Parameters
     ----------
     matrix : numpy.ndarray
         ``(rounds so far, num_tasks)`` accuracies, ``NaN`` where a task was not reached.
-    reached : sequence of int
-        Per row, the newest task the fleet had reached (non-decreasing).
+    oldest : sequence of int
+        Per row, the oldest task any device was still on (non-decreasing): task ``j`` is
+        finished by the fleet once ``oldest`` exceeds ``j``.
     """
     m = np.asarray(matrix, dtype=np.float64)
-    tm = task_matrix(m, reached)
-    n = tm.shape[0]
+    old = np.asarray(oldest)
+    if len(old) != len(m) or np.any(np.diff(old) < 0):
+        raise DataError(f"oldest: expected {len(m)} non-decreasing task ids, got {list(old)}")
+    done = int(old[-1])
+    rows = [m[int(np.flatnonzero(old == j)[-1])] if np.any(old == j) else m[-1]
+            for j in range(done)] + [m[-1]]
+    square = np.stack(rows)[:, :done + 1]
     return {"avg_acc": average_accuracy(m), "forgetting": forgetting(m),
-            "bwt": backward_transfer(tm[:, :n])}
+            "bwt": backward_transfer(square) if done else 0.0}
 
 
 def write_continual_plot(path: Path, rows: Sequence[Mapping[str, Any]], num_tasks: int) -> None:
@@ -210,7 +216,7 @@ def main(grid: Grid, context: Context) -> None:
     tests = [make_task_data(x_test, y_test, t, schedule) for t in range(schedule.num_tasks)]
     devices = range(cfg.client.fleet.size)
     acc_rows: list[np.ndarray] = []
-    reached: list[int] = []
+    oldest: list[int] = []
     rows: list[dict[str, Any]] = []
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -223,8 +229,8 @@ def main(grid: Grid, context: Context) -> None:
                 loss, acc[t] = evaluate_model(model, *tests[t])
                 losses.append(loss)
         acc_rows.append(acc)
-        reached.append(max(seen))
-        figs = fleet_metrics(np.stack(acc_rows), reached)
+        oldest.append(min(schedule.task_at(server_round, d) for d in devices))
+        figs = fleet_metrics(np.stack(acc_rows), oldest)
         row: dict[str, Any] = {"round": server_round, "accuracy": figs["avg_acc"],
                                "loss": float(np.mean(losses)) if losses else math.nan}
         row.update({f"acc_task_{j}": float(a) if np.isfinite(a) else ""

@@ -30,6 +30,7 @@ from clients.continual_app import (
     state_from_record,
     state_to_record,
 )
+from devices.errors import DataError
 from devices.fleet import assign_profiles
 from devices.profiles import load_profile
 from sim.config import from_doc
@@ -40,16 +41,18 @@ from strategies.deadline import DeadlineStrategy
 
 def test_fleet_metrics_on_a_hand_made_case() -> None:
     nan = math.nan
-    # Rounds 0..3; the fleet reaches task 1 in round 2.
-    m = np.array([[0.2, nan], [0.9, nan], [0.6, 0.5], [0.7, 0.8]])
-    figs = fleet_metrics(m, [0, 0, 1, 1])
+    # Rounds 0..4; the first device reaches task 1 in round 2, the last one in round 3.
+    m = np.array([[0.2, nan], [0.9, nan], [0.6, 0.5], [0.8, 0.6], [0.7, 0.8]])
+    figs = fleet_metrics(m, [0, 0, 0, 1, 1])
     assert figs["avg_acc"] == pytest.approx(0.75)
     assert figs["forgetting"] == pytest.approx(0.9 - 0.7)  # best earlier minus now
-    # Task matrix rows: round 1 (task 0's last) and round 3 (now): BWT = 0.7 - 0.9.
-    assert figs["bwt"] == pytest.approx(0.7 - 0.9)
-    one = fleet_metrics(m[:2], [0, 0])
-    assert one["forgetting"] == 0.0 and one["bwt"] == 0.0
-    assert one["avg_acc"] == pytest.approx(0.9)
+    # Task 0 was last trained in round 2 (acc 0.6): BWT = 0.7 - 0.6.
+    assert figs["bwt"] == pytest.approx(0.7 - 0.6)
+    one = fleet_metrics(m[:3], [0, 0, 0])
+    assert one["bwt"] == 0.0 and one["avg_acc"] == pytest.approx(0.55)
+    assert one["forgetting"] == pytest.approx(0.9 - 0.6)
+    with pytest.raises(DataError, match="oldest"):
+        fleet_metrics(m, [0, 1, 0, 1, 1])
 
 
 def test_state_record_round_trip() -> None:
