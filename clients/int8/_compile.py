@@ -88,6 +88,14 @@ def fused(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any
         state = {"first": True}
 
         def run(*args: Any, **kwargs: Any) -> Any:
+            # One graph per call signature: the same grad mode and requires_grad=False
+            # inputs whether called from a forward, a backward or plain code (each would
+            # otherwise be a recompile, and past dynamo's limit, silent eager).
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            with torch.no_grad():
+                return _call(*args, **kwargs)
+
+        def _call(*args: Any, **kwargs: Any) -> Any:
             if name in _failed:
                 return fn(*args, **kwargs)
             try:

@@ -45,30 +45,49 @@ class Int8Config:
 # --- the fused elementwise functions (each compiled once, shared by all layers) --------
 
 
-def _q_act(
-    x: torch.Tensor, stochastic: bool, offset: int, seed: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_forward(x, stochastic=stochastic, offset=offset, seed=seed)
+#: Offset of the weight's hash seed from the input's in one fused call.
+_W_SEED_SHIFT = 1_000_003
 
 
-def _q_weight_channel(
-    w: torch.Tensor, stochastic: bool, seed: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_forward(w, stochastic=stochastic, channel_dim=0, seed=seed)
+def _q_fwd(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    stochastic: bool,
+    offset: int,
+    per_channel: bool,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward operands in one fused call: ``x`` (1-D) and ``w`` (``(O, -1)``)."""
+    xq, sx = quantize_forward(x, stochastic=stochastic, offset=offset, seed=seed)
+    wseed = None if seed is None else seed + _W_SEED_SHIFT
+    wq, sw = quantize_forward(
+        w, stochastic=stochastic, channel_dim=0 if per_channel else None, seed=wseed
+    )
+    return xq, sx, wq, sw
+
+
+def _q_bwd(
+    g: torch.Tensor,
+    w: torch.Tensor | None,
+    prc: str,
+    fraction: float,
+    z: float,
+    per_channel: bool,
+    both: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """Backward operands in one fused call: the output gradient ``g`` (1-D; int8 codes and,
+    if ``both``, their uint8 shift too) and, if given, ``w`` re-quantized to nearest."""
+    q, s = quantize_backward(g, prc=prc, fraction=fraction, z=z)
+    qu = (q.to(torch.int16) + 128).to(torch.uint8) if both else None
+    if w is None:
+        return q, qu, s, None, None
+    wq, sw = quantize_forward(w, stochastic=False, channel_dim=0 if per_channel else None)
+    return q, qu, s, wq, sw
 
 
 def _seed(cfg: Int8Config) -> torch.Tensor | None:
     """Hash-noise seed on the compiled path (fused noise), None for eager ``rand_like``."""
     return new_seed() if cfg.compile and cfg.stochastic else None
-
-
-def _q_grad(
-    g: torch.Tensor, prc: str, fraction: float, z: float, both: bool
-) -> tuple[torch.Tensor, ...]:
-    q, s = quantize_backward(g, prc=prc, fraction=fraction, z=z)
-    if both:
-        return q, (q.to(torch.int16) + 128).to(torch.uint8), s
-    return q, s
 
 
 def _q_grad_factor(
@@ -94,36 +113,33 @@ def _flat(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch
     return x.contiguous().view(-1), lambda q: q.view(shape)
 
 
-def _quantize_input(x: torch.Tensor, cfg: Int8Config, offset: int) -> tuple[torch.Tensor, Any]:
+def _quantize_forward(
+    x: torch.Tensor, w: torch.Tensor, cfg: Int8Config, offset: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input codes (``x``'s shape and memory order) and 0-d scale, weight codes (the
+    weight's shape) and ``(Co,)`` scales, rounded as configured."""
     flat, unflat = _flat(x)
-    q, s = _f("quantize_input", _q_act, cfg)(flat, cfg.stochastic, offset, _seed(cfg))
-    return unflat(q), s
-
-
-def _quantize_weight(
-    w: torch.Tensor, cfg: Int8Config, stochastic: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight codes (int8, the weight's shape) and scales as an ``(Co,)`` tensor.
-
-    The forward rounds as configured; the backward re-quantizes the FP32 weight with round
-    to nearest (the authors' rule for the backward operands), so the codes need not be
-    saved between the passes.
-    """
     out = w.shape[0]
-    seed = _seed(cfg) if stochastic else None
-    if cfg.per_channel:
-        q, s = _f("quantize_weight_channel", _q_weight_channel, cfg)(
-            w.detach().reshape(out, -1), stochastic, seed
-        )
-        return q.view(w.shape), s.view(out)
-    q, s = _f("quantize_input", _q_act, cfg)(w.detach().reshape(-1), stochastic, 0, seed)
-    return q.view(w.shape), s.expand(out)
+    xq, sx, wq, sw = _f("quantize_forward", _q_fwd, cfg)(
+        flat, w.reshape(out, -1), cfg.stochastic, offset, cfg.per_channel, _seed(cfg)
+    )
+    return unflat(xq), sx, wq.view(w.shape), sw.reshape(-1).expand(out)
 
 
-def _quantize_grad(g: torch.Tensor, cfg: Int8Config, both: bool) -> tuple[torch.Tensor, ...]:
+def _quantize_backward(
+    g: torch.Tensor, w: torch.Tensor | None, cfg: Int8Config, both: bool
+) -> tuple[Any, ...]:
+    """Output-gradient codes (int8; and uint8 if ``both``), their scale, and if ``w`` is
+    given, the weight re-quantized to nearest (the authors' rule for backward operands, so
+    the forward's codes need not be saved) with ``(Co,)`` scales."""
     flat, unflat = _flat(g)
-    out = _f("quantize_grad", _q_grad, cfg)(flat, cfg.prc, cfg.prc_fraction, cfg.prc_z, both)
-    return (*(unflat(t) for t in out[:-1]), out[-1])
+    w2 = None if w is None else w.reshape(w.shape[0], -1)
+    q, qu, s, wq, sw = _f("quantize_backward", _q_bwd, cfg)(
+        flat, w2, cfg.prc, cfg.prc_fraction, cfg.prc_z, cfg.per_channel, both
+    )
+    if w is not None:
+        wq, sw = wq.view(w.shape), sw.reshape(-1).expand(w.shape[0])
+    return unflat(q), None if qu is None else unflat(qu), s, wq, sw
 
 
 def _quantize_grad_scaled(
@@ -149,8 +165,7 @@ class _Int8Linear(torch.autograd.Function):
     ) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        xq, sx = _quantize_input(x2, cfg, 0)
-        wq, sw = _quantize_weight(weight, cfg, cfg.stochastic)
+        xq, sx, wq, sw = _quantize_forward(x2, weight, cfg, 0)
         y = K.int_mm_scaled(xq, wq.t(), sw * sx)
         if bias is not None:
             y = y + bias
@@ -166,9 +181,8 @@ class _Int8Linear(torch.autograd.Function):
         cfg: Int8Config = ctx.cfg
         g = gy.reshape(-1, gy.shape[-1])
         dx = dw = db = None
-        gq, sg = _quantize_grad(g, cfg, both=False)
+        gq, _, sg, wq, sw = _quantize_backward(g, weight, cfg, both=False)
         if ctx.needs_input_grad[0]:
-            wq, sw = _quantize_weight(weight, cfg, False)
             if cfg.per_channel:
                 gq2, sg2 = _quantize_grad_scaled(g.unsqueeze(-1), sw.view(1, -1, 1), cfg, 0)
                 dx = K.int_mm_scaled(gq2.view(g.shape), wq, sg2)
@@ -208,8 +222,7 @@ class _Int8Conv2d(torch.autograd.Function):
         Co, Cg, kh, kw = weight.shape
         fits = max(Cg, Co // groups) * kh * kw <= K.SAFE_K
         onednn = cfg.use_onednn and fits
-        xq, sx_t = _quantize_input(x, cfg, 128 if onednn else 0)
-        wq, sw = _quantize_weight(weight, cfg, cfg.stochastic)
+        xq, sx_t, wq, sw = _quantize_forward(x, weight, cfg, 128 if onednn else 0)
         sx = float(sx_t)
         conv = K.qconv2d if onednn else K.im2col_conv2d
         y = conv(xq, sx, wq, sw, bias, stride, padding, dilation, groups)
@@ -230,17 +243,16 @@ class _Int8Conv2d(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = dw = db = None
         both = onednn and need_dx and not cfg.per_channel
-        qs = _quantize_grad(gy, cfg, both=both)
-        gq, sg = qs[0], float(qs[-1])
+        gq, gu, sg_t, wq, sw = _quantize_backward(gy, weight, cfg, both=both)
+        sg = float(sg_t)
         if need_dx:
-            wq, sw = _quantize_weight(weight, cfg, False)
             if cfg.per_channel:
                 n, o = gy.shape[:2]
                 g3 = gy.reshape(n, o, -1)
                 gd, sgd_t = _quantize_grad_scaled(g3, sw.view(1, -1, 1), cfg, 128 if onednn else 0)
                 gd, sgd = gd.view(gy.shape), float(sgd_t)
             else:
-                gd = qs[1] if both else gq
+                gd = gu if both else gq
                 sgd = sg * float(sw[0])
             dgrad = K.qconv2d_input_grad if onednn else K.im2col_conv2d_input_grad
             dx = dgrad(gd, sgd, wq, hw, stride, padding, dilation, groups)
