@@ -381,7 +381,8 @@ def _shifted_gemm_weight_grad(
     ``g[n, :, h, w]`` at the column of pixel ``(h, w)`` and zeros elsewhere. Kernel offset
     ``(i, j)`` then reads ``x`` at row ``r + i*d*Wp + j*d`` for output pixel ``r``: a
     contiguous slice, so ``dW[:, :, i, j] = g @ x[off : off + L]`` without any im2col
-    copy (this layout ran 1.3-3x faster than ``x.T @ g`` at small channel counts). The zero rows of ``g`` cost ``Hp*Wp / (Ho*Wo)`` more MACs (1.27x at 16x16).
+    copy (this layout ran 1.3-3x faster than ``x.T @ g`` at small channel counts). The
+    zero columns of ``g`` cost ``Hp*Wp / (Ho*Wo)`` more MACs (1.27x at 16x16).
     """
     N, C, H, W = x_u8.shape
     _, Co, Ho, Wo = g_q.shape
