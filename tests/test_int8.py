@@ -226,3 +226,22 @@ def test_export_sizes() -> None:
     w = model.net[1].weight
     recon = e["net.1.weight_int8"].float() * e["net.1.weight_scale"]
     assert (recon - w).abs().max() <= 0.51 * float(e["net.1.weight_scale"])
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning() -> None:
+    from clients.int8._compile import fused
+
+    def breaks_graph(x: torch.Tensor) -> torch.Tensor:
+        if float(x.sum()) > 0:  # data-dependent Python branch: no full graph
+            return x * 2
+        return x
+
+    f = fused("test_breaks_graph", breaks_graph, True)
+    x = torch.ones(4)
+    with pytest.warns(RuntimeWarning, match="test_breaks_graph"):
+        assert torch.equal(f(x), x * 2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert torch.equal(f(x), x * 2)

@@ -45,6 +45,9 @@ __all__ = [
 
 #: The largest inner dimension handed to one integer kernel call (see module docstring).
 SAFE_K = 65_536
+#: Up to this many im2col columns (C * kh * kw), the shifted-GEMM weight gradient copies
+#: the shifted slices side by side and runs one GEMM instead of kh * kw.
+_CONCAT_MAX_COLS = 576
 
 #: The schema of ``onednn::qconv2d_pointwise`` this module was written against (torch 2.13).
 _QCONV_SCHEMA = (
@@ -397,15 +400,22 @@ def _shifted_gemm_weight_grad(
     ).to(torch.int8)
     gb = torch.zeros(Co, L, dtype=torch.int8)
     gb.view(Co, N, Hp, Wp)[:, :, :Ho, :Wo] = g_q.permute(1, 0, 2, 3)
-    out = torch.zeros(Co, C, kh, kw)
+    offsets = [i * dilation[0] * Wp + j * dilation[1] for i in range(kh) for j in range(kw)]
     chunk = max(1, SAFE_K // per) * per
+    if C * kh * kw <= _CONCAT_MAX_COLS:
+        # Few channels: one GEMM against the kh*kw shifted slices side by side (a small
+        # copy) beats kh*kw thin GEMMs and their per-call overhead.
+        cols = torch.cat([xp[o : o + L] for o in offsets], dim=1)  # (L, kh*kw*C)
+        acc = torch.zeros(Co, kh * kw * C)
+        for r0 in range(0, L, chunk):
+            acc += _mm(gb[:, r0 : r0 + chunk], cols[r0 : r0 + chunk])
+        return acc.view(Co, kh, kw, C).permute(0, 3, 1, 2).contiguous()
+    out = torch.zeros(Co, C, kh, kw)
     for r0 in range(0, L, chunk):
         r1 = min(L, r0 + chunk)
         gc = gb[:, r0:r1]
-        for i in range(kh):
-            for j in range(kw):
-                off = r0 + i * dilation[0] * Wp + j * dilation[1]
-                out[:, :, i, j] += _mm(gc, xp[off : off + (r1 - r0)])
+        for idx, o in enumerate(offsets):
+            out[:, :, idx // kw, idx % kw] += _mm(gc, xp[r0 + o : r1 + o])
     return out
 
 

@@ -24,7 +24,12 @@ import torch
 
 from clients.int8 import _kernels as K
 from clients.int8._compile import fused
-from clients.int8.quant import new_seed, quantize_backward, quantize_forward
+from clients.int8.quant import (
+    new_seed,
+    quantize_backward,
+    quantize_backward_both,
+    quantize_forward,
+)
 
 __all__ = ["Int8Config", "int8_linear", "int8_conv2d"]
 
@@ -77,8 +82,11 @@ def _q_bwd(
 ) -> tuple[torch.Tensor | None, ...]:
     """Backward operands in one fused call: the output gradient ``g`` (1-D; int8 codes and,
     if ``both``, their uint8 shift too) and, if given, ``w`` re-quantized to nearest."""
-    q, s = quantize_backward(g, prc=prc, fraction=fraction, z=z)
-    qu = (q.to(torch.int16) + 128).to(torch.uint8) if both else None
+    qu: torch.Tensor | None = None
+    if both:
+        q, qu, s = quantize_backward_both(g, prc=prc, fraction=fraction, z=z)
+    else:
+        q, s = quantize_backward(g, prc=prc, fraction=fraction, z=z)
     if w is None:
         return q, qu, s, None, None
     wq, sw = quantize_forward(w, stochastic=False, channel_dim=0 if per_channel else None)

@@ -24,6 +24,7 @@ __all__ = [
     "quantize_forward",
     "prc_bounds",
     "quantize_backward",
+    "quantize_backward_both",
 ]
 
 #: Largest int8 magnitude used: values are in ``[-127, 127]`` so that negation is exact.
@@ -166,11 +167,30 @@ def quantize_backward(
     (Tensor, Tensor)
         Codes and a 0-d scale.
     """
+    x, s = _backward_levels(g, prc, fraction, z, channel_factor)
+    if offset:
+        return (x + offset).to(torch.uint8), s
+    return x.to(torch.int8), s
+
+
+def quantize_backward_both(
+    g: torch.Tensor, *, prc: str = "range", fraction: float = 0.95, z: float = 2.5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_backward` returning int8 codes, their uint8 (+128) form and the scale.
+
+    Both casts are taken from the same float levels (no int8 -> uint8 conversion pass),
+    which keeps the fused kernel vectorized.
+    """
+    x, s = _backward_levels(g, prc, fraction, z, None)
+    return x.to(torch.int8), (x + 128).to(torch.uint8), s
+
+
+def _backward_levels(
+    g: torch.Tensor, prc: str, fraction: float, z: float, channel_factor: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     if channel_factor is not None:
         g = g * channel_factor
     lo, hi = prc_bounds(g, prc, fraction, z)
     s = (torch.maximum(lo.abs(), hi.abs()) / QMAX).clamp_min(_TINY)
     x = torch.round(torch.minimum(torch.maximum(g, lo), hi) / s).clamp(-QMAX, QMAX)
-    if offset:
-        return (x + offset).to(torch.uint8), s
-    return x.to(torch.int8), s
+    return x, s
