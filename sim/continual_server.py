@@ -20,10 +20,11 @@ rows of that matrix ``R`` (``NaN`` for tasks not reached) give, per round:
     Chaudhry et al.'s forgetting on the rounds so far: for each reached task but the
     newest, the best accuracy it had in an earlier round minus its accuracy now;
 ``bwt``
-    backward transfer over the tasks the *whole* fleet has left: for each such task ``j``,
-    accuracy now minus accuracy in the last round in which some device still trained on
-    it (devices switch at different rounds, so a task is fully learned only when its
-    slowest device leaves it; the first device's switch would catch it half-learned);
+    backward transfer over the tasks the fleet has moved past: for each task ``j`` the
+    median device has left, accuracy now minus accuracy in the last round in which the
+    median device was on it. Devices switch at different rounds; the first device's
+    switch would catch a task half-learned, the last device's after the others had
+    already forgotten it, so the median device's marks the fleet's task boundary;
 ``tasks_seen``
     how many tasks the fleet has reached.
 
@@ -50,6 +51,7 @@ from flwr.serverapp.strategy import Strategy
 
 from clients.client_app import build_training_model, fleet_data
 from clients.continual import (
+    StreamSchedule,
     aggregate_fisher,
     average_accuracy,
     backward_transfer,
@@ -68,6 +70,7 @@ __all__ = [
     "FisherSharing",
     "app",
     "fleet_metrics",
+    "median_task",
     "with_fisher_sharing",
     "write_continual_plot",
 ]
@@ -153,27 +156,33 @@ def with_fisher_sharing(strategy: Strategy) -> tuple[Strategy, FisherSharing]:
     return strategy, sharing
 
 
-def fleet_metrics(matrix: np.ndarray, oldest: Sequence[int]) -> dict[str, float]:
+def fleet_metrics(matrix: np.ndarray, fleet_task: Sequence[int]) -> dict[str, float]:
     """Average accuracy, forgetting and BWT of the latest row of a per-round matrix.
 
     Parameters
     ----------
     matrix : numpy.ndarray
         ``(rounds so far, num_tasks)`` accuracies, ``NaN`` where a task was not reached.
-    oldest : sequence of int
-        Per row, the oldest task any device was still on (non-decreasing): task ``j`` is
-        finished by the fleet once ``oldest`` exceeds ``j``.
+    fleet_task : sequence of int
+        Per row, the fleet's task (the median device's; non-decreasing): task ``j`` ends
+        at the last row whose fleet task is at most ``j``.
     """
     m = np.asarray(matrix, dtype=np.float64)
-    old = np.asarray(oldest)
-    if len(old) != len(m) or np.any(np.diff(old) < 0):
-        raise DataError(f"oldest: expected {len(m)} non-decreasing task ids, got {list(old)}")
-    done = int(old[-1])
-    rows = [m[int(np.flatnonzero(old == j)[-1])] if np.any(old == j) else m[-1]
-            for j in range(done)] + [m[-1]]
+    ft = np.asarray(fleet_task)
+    if len(ft) != len(m) or np.any(np.diff(ft) < 0):
+        raise DataError(f"fleet_task: expected {len(m)} non-decreasing task ids, got "
+                        f"{list(ft)}")
+    done = int(ft[-1])
+    rows = [m[int(np.flatnonzero(ft <= j)[-1])] for j in range(done)] + [m[-1]]
     square = np.stack(rows)[:, :done + 1]
     return {"avg_acc": average_accuracy(m), "forgetting": forgetting(m),
             "bwt": backward_transfer(square) if done else 0.0}
+
+
+def median_task(schedule: StreamSchedule, server_round: int, devices: Iterable[int]) -> int:
+    """The task of the median device in ``server_round`` (the lower median)."""
+    tasks = sorted(schedule.task_at(server_round, d) for d in devices)
+    return tasks[(len(tasks) - 1) // 2]
 
 
 def write_continual_plot(path: Path, rows: Sequence[Mapping[str, Any]], num_tasks: int) -> None:
@@ -216,7 +225,7 @@ def main(grid: Grid, context: Context) -> None:
     tests = [make_task_data(x_test, y_test, t, schedule) for t in range(schedule.num_tasks)]
     devices = range(cfg.client.fleet.size)
     acc_rows: list[np.ndarray] = []
-    oldest: list[int] = []
+    fleet_task: list[int] = []
     rows: list[dict[str, Any]] = []
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -229,8 +238,8 @@ def main(grid: Grid, context: Context) -> None:
                 loss, acc[t] = evaluate_model(model, *tests[t])
                 losses.append(loss)
         acc_rows.append(acc)
-        oldest.append(min(schedule.task_at(server_round, d) for d in devices))
-        figs = fleet_metrics(np.stack(acc_rows), oldest)
+        fleet_task.append(median_task(schedule, server_round, devices))
+        figs = fleet_metrics(np.stack(acc_rows), fleet_task)
         row: dict[str, Any] = {"round": server_round, "accuracy": figs["avg_acc"],
                                "loss": float(np.mean(losses)) if losses else math.nan}
         row.update({f"acc_task_{j}": float(a) if np.isfinite(a) else ""

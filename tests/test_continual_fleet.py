@@ -23,7 +23,7 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.continual import replay_capacity, sample_nbytes
+from clients.continual import StreamSchedule, replay_capacity, sample_nbytes
 from clients.continual_app import (
     FISHER_PREFIX,
     FLEET_FISHER_KEY,
@@ -34,14 +34,19 @@ from devices.errors import DataError
 from devices.fleet import assign_profiles
 from devices.profiles import load_profile
 from sim.config import from_doc
-from sim.continual_server import FisherSharing, fleet_metrics, with_fisher_sharing
+from sim.continual_server import (
+    FisherSharing,
+    fleet_metrics,
+    median_task,
+    with_fisher_sharing,
+)
 from sim.runner import run_experiment
 from strategies.deadline import DeadlineStrategy
 
 
 def test_fleet_metrics_on_a_hand_made_case() -> None:
     nan = math.nan
-    # Rounds 0..4; the first device reaches task 1 in round 2, the last one in round 3.
+    # Rounds 0..4; the median device reaches task 1 in round 3.
     m = np.array([[0.2, nan], [0.9, nan], [0.6, 0.5], [0.8, 0.6], [0.7, 0.8]])
     figs = fleet_metrics(m, [0, 0, 0, 1, 1])
     assert figs["avg_acc"] == pytest.approx(0.75)
@@ -51,8 +56,19 @@ def test_fleet_metrics_on_a_hand_made_case() -> None:
     one = fleet_metrics(m[:3], [0, 0, 0])
     assert one["bwt"] == 0.0 and one["avg_acc"] == pytest.approx(0.55)
     assert one["forgetting"] == pytest.approx(0.9 - 0.6)
-    with pytest.raises(DataError, match="oldest"):
+    with pytest.raises(DataError, match="fleet_task"):
         fleet_metrics(m, [0, 1, 0, 1, 1])
+
+
+def test_median_task() -> None:
+    sched = StreamSchedule(num_tasks=3, rounds_per_task=4, offset=3, seed=2)
+    devices = range(9)
+    between = 0
+    for rnd in range(14):
+        tasks = sorted(sched.task_at(rnd, d) for d in devices)
+        assert median_task(sched, rnd, devices) == tasks[4]
+        between += tasks[0] < tasks[4] < tasks[-1] or tasks[0] < tasks[-1]
+    assert between > 0  # devices disagree in some rounds, so min, median, max differ
 
 
 def test_state_record_round_trip() -> None:
