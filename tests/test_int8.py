@@ -245,3 +245,13 @@ def test_compile_failure_falls_back_to_eager_with_one_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning
         assert torch.equal(f(x), x * 2)
+
+
+def test_eval_mode_is_deterministic() -> None:
+    torch.manual_seed(0)
+    model = prepare(SmallCNN(), compile=False)
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))  # stochastic rounding in training
+        model.eval()
+        assert torch.equal(model(x), model(x))

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -71,12 +72,22 @@ def resolve_compile(compile: bool | str) -> bool:
     return True
 
 
+def _fresh_copy(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``fn`` with its own code object: dynamo keeps its compiled graphs (and counts
+    recompiles against its limit of 8) per code object, so each variant gets a fresh one."""
+    code = fn.__code__.replace()
+    new = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    return new
+
+
 def fused(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
     """``fn`` compiled with ``torch.compile(dynamic=True)``, or ``fn`` itself.
 
-    The compiled callable is built once per ``(name, fn)`` and shared by every layer. A
-    failure at compile or run time switches that function to eager for the rest of the
-    process, with one warning.
+    The compiled callable is built once per ``(name, fn)`` and shared by every layer;
+    callers put the static options of a variant in ``name`` (each name gets its own code
+    object, so variants do not eat each other's recompile budget). A failure at compile
+    or run time switches that name to eager for the rest of the process, with one
+    warning.
     """
     if not enabled or name in _failed:
         return fn
@@ -84,7 +95,7 @@ def fused(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any
     if key not in _compiled:
         import torch
 
-        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        compiled = torch.compile(_fresh_copy(fn, name), dynamic=True, fullgraph=True)
         state = {"first": True}
 
         def run(*args: Any, **kwargs: Any) -> Any:

@@ -128,7 +128,8 @@ def _quantize_forward(
     weight's shape) and ``(Co,)`` scales, rounded as configured."""
     flat, unflat = _flat(x)
     out = w.shape[0]
-    xq, sx, wq, sw = _f("quantize_forward", _q_fwd, cfg)(
+    name = f"quantize_forward[per_channel={cfg.per_channel},stochastic={cfg.stochastic}]"
+    xq, sx, wq, sw = _f(name, _q_fwd, cfg)(
         flat, w.reshape(out, -1), cfg.stochastic, offset, cfg.per_channel, _seed(cfg)
     )
     return unflat(xq), sx, wq.view(w.shape), sw.reshape(-1).expand(out)
@@ -142,7 +143,8 @@ def _quantize_backward(
     the forward's codes need not be saved) with ``(Co,)`` scales."""
     flat, unflat = _flat(g)
     w2 = None if w is None else w.reshape(w.shape[0], -1)
-    q, qu, s, wq, sw = _f("quantize_backward", _q_bwd, cfg)(
+    name = f"quantize_backward[prc={cfg.prc},per_channel={cfg.per_channel}]"
+    q, qu, s, wq, sw = _f(name, _q_bwd, cfg)(
         flat, w2, cfg.prc, cfg.prc_fraction, cfg.prc_z, cfg.per_channel, both
     )
     if w is not None:

@@ -11,9 +11,14 @@ prepare time. ``alpha`` starts at 1 and ``mu``, ``o`` at 0; :func:`lac_penalty` 
 penalty on ``mu`` and ``o`` that the training loop adds to its loss. Per channel, the
 correction is an extra, L2-tied offset beside the bias; it is folded into the bias the
 kernel adds, so it costs nothing per element.
+
+In eval mode (``model.eval()``) the forward rounds to nearest instead of stochastically,
+so evaluation is deterministic.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -43,6 +48,17 @@ class _LAC:
             module.register_parameter("lac_mu", None)
             module.register_parameter("lac_o", None)
 
+    def _cfg(self) -> Int8Config:
+        """The layer's numerics; in eval mode rounding is to nearest (no noise in tests)."""
+        cfg: Int8Config = getattr(self, "cfg")  # noqa: B009 - set by from_float
+        if getattr(self, "training", True) or not cfg.stochastic:
+            return cfg
+        eval_cfg: Int8Config | None = getattr(self, "_eval_cfg", None)
+        if eval_cfg is None:
+            eval_cfg = dataclasses.replace(cfg, stochastic=False)
+            object.__setattr__(self, "_eval_cfg", eval_cfg)
+        return eval_cfg
+
     def _effective_bias(self) -> torch.Tensor | None:
         bias: torch.Tensor | None = getattr(self, "bias", None)
         if self.lac_mu is None or self.lac_alpha is None or self.lac_o is None:
@@ -69,7 +85,7 @@ class Int8Linear(nn.Linear, _LAC):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self._effective_bias(), self.cfg)
+        return int8_linear(x, self.weight, self._effective_bias(), self._cfg())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, int8, lac={self.lac_mu is not None}"
@@ -104,7 +120,7 @@ class Int8Conv2d(nn.Conv2d, _LAC):
             x,
             self.weight,
             self._effective_bias(),
-            self.cfg,
+            self._cfg(),
             (int(self.stride[0]), int(self.stride[1])),
             (int(pad[0]), int(pad[1])),
             (int(self.dilation[0]), int(self.dilation[1])),
