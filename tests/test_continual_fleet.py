@@ -156,7 +156,7 @@ def _doc(method: str) -> dict[str, Any]:
         "fleet": {"size": 8, "mix": {"stm32f746": 0.5, "rpi4": 0.5}},
         "data": {"source": "digits", "partition": "iid", "samples_per_device": 160},
         "model": {"name": "mlp", "args": {"hidden": 32, "depth": 1}},
-        "train": {"local_epochs": 2, "batch_size": 8, "lr": 0.05},
+        "train": {"local_epochs": 2, "batch_size": 8, "lr": 0.2},
         "strategy": {"fraction_train": 1.0, "min_train": 2},
         "continual": {"kind": "class-incremental", "num_tasks": 2, "num_classes": 10,
                       "classes_per_task": 5, "rounds_per_task": 4, "offset": 1,
