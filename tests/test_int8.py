@@ -255,3 +255,38 @@ def test_eval_mode_is_deterministic() -> None:
         assert not torch.equal(model(x), model(x))  # stochastic rounding in training
         model.eval()
         assert torch.equal(model(x), model(x))
+
+
+def test_lac_bias_and_penalty_gradients() -> None:
+    from clients.int8.modules import _LACPenalty
+
+    torch.manual_seed(0)
+    lac = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    lac2 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_LACPenalty.apply, (lac, lac2))
+    # The int8 layers' LAC gradient (computed inside their autograd function) matches
+    # autograd of y = x W^T + b + alpha * mu + o.
+    for conv in (False, True):
+        x = torch.randn(6, 4, 5, 5) if conv else torch.randn(6, 4)
+        w = torch.randn(3, 4, 3, 3) if conv else torch.randn(3, 4)
+        b = torch.randn(3, requires_grad=True)
+        lac3 = torch.randn(3, 3, requires_grad=True)
+        if conv:
+            y = int8_conv2d(x, w, b, EAGER, (1, 1), (1, 1), (1, 1), 1, lac3)
+        else:
+            y = int8_linear(x, w, b, EAGER, lac3)
+        gy = torch.randn_like(y)
+        got = torch.autograd.grad(y, (b, lac3), gy)
+        shape = (1, 3, 1, 1) if conv else (1, 3)
+        ref_y = (b + lac3[0] * lac3[1] + lac3[2]).view(shape) * torch.ones_like(y)
+        ref = torch.autograd.grad(ref_y, (b, lac3), gy)
+        for a, r in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, r)
+    model = prepare(MLP(), compile=False)
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            assert m.lac is not None
+            with torch.no_grad():
+                m.lac[0], m.lac[1], m.lac[2] = 3.0, 0.5, -1.0
+    n = sum(m.out_features for m in model.modules() if isinstance(m, Int8Linear))
+    assert float(lac_penalty(model, weight=2.0)) == pytest.approx(2.0 * n * (0.25 + 1.0))

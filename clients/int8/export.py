@@ -44,7 +44,7 @@ def export(model: nn.Module) -> dict[str, torch.Tensor]:
             bias = m._effective_bias()
             if bias is not None:
                 out[prefix + "bias"] = bias.detach().float().clone()
-            skip.update(prefix + k for k in ("weight", "bias", "lac_alpha", "lac_mu", "lac_o"))
+            skip.update(prefix + k for k in ("weight", "bias", "lac"))
         for key, t in model.state_dict().items():
             if key not in skip:
                 out[key] = t.detach().clone()

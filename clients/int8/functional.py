@@ -31,7 +31,7 @@ from clients.int8.quant import (
     quantize_forward,
 )
 
-__all__ = ["Int8Config", "int8_linear", "int8_conv2d"]
+__all__ = ["Int8Config", "int8_linear", "int8_conv2d", "lac_bias"]
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,27 @@ def _quantize_grad_scaled(
     )
 
 
+def lac_bias(bias: torch.Tensor | None, lac: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias the kernel adds: ``bias + alpha * mu + o`` with LAC's ``(3, C)`` rows."""
+    if lac is None:
+        return bias
+    comp = torch.addcmul(lac[2], lac[0], lac[1])
+    return comp if bias is None else comp + bias
+
+
+def _bias_grads(
+    ctx: Any, db: torch.Tensor | None, lac: torch.Tensor | None, i: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of the bias (input ``i``) and the LAC parameter (input ``i + 1``)."""
+    if db is None:
+        return None, None
+    dbias = db if ctx.has_bias and ctx.needs_input_grad[i] else None
+    dlac = None
+    if lac is not None and ctx.needs_input_grad[i + 1]:
+        dlac = torch.stack([db * lac[1], db * lac[0], db])
+    return dbias, dlac
+
+
 # --- linear ---------------------------------------------------------------------------
 
 
@@ -171,23 +192,25 @@ class _Int8Linear(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
+        lac: torch.Tensor | None,
         cfg: Int8Config,
     ) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         xq, sx, wq, sw = _quantize_forward(x2, weight, cfg, 0)
         y = K.int_mm_scaled(xq, wq.t(), sw * sx)
-        if bias is not None:
-            y = y + bias
+        b = lac_bias(bias, lac)
+        if b is not None:
+            y = y + b
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # The weight itself (no copy) is saved, to be re-quantized in backward.
-        ctx.save_for_backward(xq if need_dw else None, weight if need_dx else None, sx)
+        ctx.save_for_backward(xq if need_dw else None, weight if need_dx else None, sx, lac)
         ctx.cfg, ctx.lead, ctx.has_bias = cfg, lead, bias is not None
         return y.view(*lead, weight.shape[0])
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        xq, weight, sx = ctx.saved_tensors
+        xq, weight, sx, lac = ctx.saved_tensors
         cfg: Int8Config = ctx.cfg
         g = gy.reshape(-1, gy.shape[-1])
         dx = dw = db = None
@@ -201,16 +224,26 @@ class _Int8Linear(torch.autograd.Function):
             dx = dx.view(*ctx.lead, wq.shape[1])
         if ctx.needs_input_grad[1]:
             dw = K.int_mm_scaled(gq.t().contiguous(), xq, sg * sx)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if (ctx.has_bias and ctx.needs_input_grad[2]) or (
+            lac is not None and ctx.needs_input_grad[3]
+        ):
             db = g.sum(0)
-        return dx, dw, db, None
+        return dx, dw, *_bias_grads(ctx, db, lac, 2), None
 
 
 def int8_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Int8Config
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: Int8Config,
+    lac: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` with forward and backward on int8 GEMMs."""
-    return _Int8Linear.apply(x, weight, bias, cfg)  # type: ignore[no-any-return]
+    """``F.linear(x, weight, bias)`` with forward and backward on int8 GEMMs.
+
+    ``lac``: an optional ``(3, out)`` LAC parameter (rows alpha, mu, o) whose correction
+    ``alpha * mu + o`` is added with the bias, inside the same autograd node.
+    """
+    return _Int8Linear.apply(x, weight, bias, lac, cfg)  # type: ignore[no-any-return]
 
 
 # --- conv2d ---------------------------------------------------------------------------
@@ -223,6 +256,7 @@ class _Int8Conv2d(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
+        lac: torch.Tensor | None,
         cfg: Int8Config,
         stride: tuple[int, int],
         padding: tuple[int, int],
@@ -235,10 +269,10 @@ class _Int8Conv2d(torch.autograd.Function):
         xq, sx_t, wq, sw = _quantize_forward(x, weight, cfg, 128 if onednn else 0)
         sx = float(sx_t)
         conv = K.qconv2d if onednn else K.im2col_conv2d
-        y = conv(xq, sx, wq, sw, bias, stride, padding, dilation, groups)
+        y = conv(xq, sx, wq, sw, lac_bias(bias, lac), stride, padding, dilation, groups)
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # The weight itself (no copy) is saved, to be re-quantized in backward.
-        ctx.save_for_backward(xq if need_dw else None, weight if need_dx else None)
+        ctx.save_for_backward(xq if need_dw else None, weight if need_dx else None, lac)
         ctx.sx, ctx.onednn, ctx.cfg, ctx.has_bias = sx, onednn, cfg, bias is not None
         ctx.geom = (tuple(x.shape[2:]), stride, padding, dilation, groups)
         ctx.kernel_hw = (kh, kw)
@@ -246,7 +280,7 @@ class _Int8Conv2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        xq, weight = ctx.saved_tensors
+        xq, weight, lac = ctx.saved_tensors
         cfg: Int8Config = ctx.cfg
         hw, stride, padding, dilation, groups = ctx.geom
         onednn: bool = ctx.onednn
@@ -278,9 +312,11 @@ class _Int8Conv2d(torch.autograd.Function):
                 dw = K.im2col_conv2d_weight_grad(
                     x8, ctx.sx, gq, sg, kernel, stride, padding, dilation, groups
                 )
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if (ctx.has_bias and ctx.needs_input_grad[2]) or (
+            lac is not None and ctx.needs_input_grad[3]
+        ):
             db = gy.sum((0, 2, 3))
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, *_bias_grads(ctx, db, lac, 2), None, None, None, None, None
 
 
 def int8_conv2d(
@@ -292,11 +328,13 @@ def int8_conv2d(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     groups: int,
+    lac: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.conv2d`` (zero padding, numeric padding only) with forward and backward on int8.
 
-    The output is FP32 in channels-last memory format (oneDNN's layout).
+    The output is FP32 in channels-last memory format (oneDNN's layout). ``lac`` as in
+    :func:`int8_linear`.
     """
     return _Int8Conv2d.apply(  # type: ignore[no-any-return]
-        x, weight, bias, cfg, stride, padding, dilation, groups
+        x, weight, bias, lac, cfg, stride, padding, dilation, groups
     )

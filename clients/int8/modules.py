@@ -7,8 +7,12 @@ parameters, same state-dict keys (plus the LAC ones), same constructor-free conv
 LAC (loss-aware compensation) adds ``y = x + alpha * mu + o`` after the layer. The
 authors' shapes are not public; here ``alpha``, ``mu`` and ``o`` are per output channel
 (feature), so their size does not depend on the input resolution and they are known at
-prepare time. ``alpha`` starts at 1 and ``mu``, ``o`` at 0; :func:`lac_penalty` is the L2
-penalty on ``mu`` and ``o`` that the training loop adds to its loss. Per channel, the
+prepare time; they are the rows of one ``(3, C)`` parameter ``lac`` per layer, and the
+int8 autograd function adds the correction with the bias and returns its gradient
+itself (separate tensors and autograd nodes cost 0.15 ms per layer per step at SmallCNN
+sizes, more than the int8 GEMM saved there). ``alpha`` starts at 1 and ``mu``, ``o`` at
+0; :func:`lac_penalty` is the L2 penalty on ``mu`` and ``o`` that the training loop adds
+to its loss. Per channel, the
 correction is an extra, L2-tied offset beside the bias; it is folded into the bias the
 kernel adds, so it costs nothing per element.
 
@@ -19,34 +23,49 @@ so evaluation is deterministic.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
 
-from clients.int8.functional import Int8Config, int8_conv2d, int8_linear
+from clients.int8.functional import Int8Config, int8_conv2d, int8_linear, lac_bias
 
 __all__ = ["Int8Linear", "Int8Conv2d", "lac_penalty"]
 
 
-class _LAC:
-    """Mixin holding the LAC parameters and the effective bias."""
+class _LACPenalty(torch.autograd.Function):
+    """``sum(mu**2 + o**2)`` over ``(3, C)`` LAC parameters (rows 1 and 2), one node."""
 
-    lac_alpha: nn.Parameter | None
-    lac_mu: nn.Parameter | None
-    lac_o: nn.Parameter | None
+    @staticmethod
+    def forward(ctx: Any, *lacs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(*lacs)
+        flat = torch.cat([t[1:].reshape(-1) for t in lacs])
+        return torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        grads = []
+        for t in ctx.saved_tensors:
+            d = 2 * g * t
+            d[0] = 0
+            grads.append(d)
+        return tuple(grads)
+
+
+class _LAC:
+    """Mixin holding the LAC parameter and the effective bias."""
+
+    lac: nn.Parameter | None
 
     def _init_lac(
         self, module: nn.Module, channels: int, enabled: bool, like: torch.Tensor
     ) -> None:
         if enabled:
-            dt, dev = like.dtype, like.device
-            module.lac_alpha = nn.Parameter(torch.ones(channels, dtype=dt, device=dev))
-            module.lac_mu = nn.Parameter(torch.zeros(channels, dtype=dt, device=dev))
-            module.lac_o = nn.Parameter(torch.zeros(channels, dtype=dt, device=dev))
+            init = torch.zeros(3, channels, dtype=like.dtype, device=like.device)
+            init[0] = 1.0
+            module.lac = nn.Parameter(init)
         else:
-            module.register_parameter("lac_alpha", None)
-            module.register_parameter("lac_mu", None)
-            module.register_parameter("lac_o", None)
+            module.register_parameter("lac", None)
 
     def _cfg(self) -> Int8Config:
         """The layer's numerics; in eval mode rounding is to nearest (no noise in tests)."""
@@ -60,11 +79,8 @@ class _LAC:
         return eval_cfg
 
     def _effective_bias(self) -> torch.Tensor | None:
-        bias: torch.Tensor | None = getattr(self, "bias", None)
-        if self.lac_mu is None or self.lac_alpha is None or self.lac_o is None:
-            return bias
-        comp = self.lac_alpha * self.lac_mu + self.lac_o
-        return comp if bias is None else bias + comp
+        """``bias + alpha * mu + o`` (what export stores; training folds it in-kernel)."""
+        return lac_bias(getattr(self, "bias", None), self.lac)
 
 
 class Int8Linear(nn.Linear, _LAC):
@@ -85,10 +101,10 @@ class Int8Linear(nn.Linear, _LAC):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self._effective_bias(), self._cfg())
+        return int8_linear(x, self.weight, self.bias, self._cfg(), self.lac)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, int8, lac={self.lac_mu is not None}"
+        return f"{super().extra_repr()}, int8, lac={self.lac is not None}"
 
 
 class Int8Conv2d(nn.Conv2d, _LAC):
@@ -119,16 +135,17 @@ class Int8Conv2d(nn.Conv2d, _LAC):
         return int8_conv2d(
             x,
             self.weight,
-            self._effective_bias(),
+            self.bias,
             self._cfg(),
             (int(self.stride[0]), int(self.stride[1])),
             (int(pad[0]), int(pad[1])),
             (int(self.dilation[0]), int(self.dilation[1])),
             self.groups,
+            self.lac,
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, int8, lac={self.lac_mu is not None}"
+        return f"{super().extra_repr()}, int8, lac={self.lac is not None}"
 
 
 def lac_penalty(model: nn.Module, weight: float = 1e-4) -> torch.Tensor:
@@ -136,12 +153,12 @@ def lac_penalty(model: nn.Module, weight: float = 1e-4) -> torch.Tensor:
 
     Add it to the training loss. Zero (a 0-d tensor) when no layer has LAC.
     """
-    total: torch.Tensor | None = None
-    for m in model.modules():
-        if isinstance(m, Int8Linear | Int8Conv2d) and m.lac_mu is not None:
-            assert m.lac_o is not None
-            term = m.lac_mu.pow(2).sum() + m.lac_o.pow(2).sum()
-            total = term if total is None else total + term
-    if total is None:
+    terms = [
+        m.lac
+        for m in model.modules()
+        if isinstance(m, Int8Linear | Int8Conv2d) and m.lac is not None
+    ]
+    if not terms:
         return torch.zeros(())
+    total: torch.Tensor = _LACPenalty.apply(*terms)
     return total * weight
