@@ -31,8 +31,9 @@ Workloads: ``overhead`` (small CNN width 8 on digits, 1,000 devices, 10% per rou
 actors: wall time and peak RSS of the driver and of each actor).
 
 Each measurement runs in a fresh subprocess (so peak memory and Ray's state are its own);
-peak RSS is ``ru_maxrss`` for the driver and ``VmHWM`` of the Ray actor processes found
-among the driver's descendants. Writes ``bench/out/engine.json`` and prints markdown
+peak RSS is ``ru_maxrss`` for the driver and ``VmHWM`` of the Ray processes found among
+the driver's descendants (the actors, and Ray's per-node dashboard and runtime-env agents).
+Writes ``bench/out/engine.json`` and prints markdown
 tables. Run: ``.venv/bin/python bench/engine.py`` (about 10 minutes on 2 shared cores);
 ``--quick`` for a short version (fewer rounds, one repetition, no 10,000-device run).
 ``--profile ENGINE:WORKLOAD`` runs one measurement under cProfile and prints the top of it.
@@ -367,17 +368,20 @@ def _table(rows: list[dict[str, Any]], workload: str) -> str:
 def _scale_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| engine | devices | rounds | trainings | wall (s) | first round (s) "
-        "| steady trainings/s | driver peak RSS (MB) | actor peak RSS (MB, each) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| steady trainings/s | driver peak RSS (MB) | actor peak RSS (MB, each) "
+        "| Ray agents (MB, each) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         if r["workload"] != "scale" or "error" in r:
             continue
-        actors = ", ".join(_mb(v) for v in sorted(r["actor_peak_rss"].values())) or "-"
+        peaks = r["actor_peak_rss"]
+        actors = ", ".join(_mb(v) for k, v in sorted(peaks.items()) if "Agent" not in k)
+        agents = ", ".join(_mb(v) for k, v in sorted(peaks.items()) if "Agent" in k)
         lines.append(
             f"| {r['engine']} | 10,000 | {r['rounds']} | {r['trainings']} | {r['wall_s']:.1f} "
             f"| {r['first_round_s']:.2f} | {r['steady_tps']:.0f} "
-            f"| {_mb(r['driver_peak_rss'])} | {actors} |"
+            f"| {_mb(r['driver_peak_rss'])} | {actors or '-'} | {agents or '-'} |"
         )
     return "\n".join(lines)
 
@@ -398,6 +402,21 @@ def _bracketed(rows: list[dict[str, Any]]) -> None:
         r["x_flower"] = r["x_floor"] / flw[0] if flw else float("nan")
 
 
+def _print_tables(rows: list[dict[str, Any]], workloads: list[str], rounds: int,
+                  reps: int) -> None:
+    for w in workloads:
+        print(f"\n### {w} (R = {rounds}, median of {reps} repetition(s); each engine "
+              f"between two floor runs)\n")
+        print(_table(rows, w))
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        print(f"\n{len(failed)} measurement(s) failed: "
+              + ", ".join(f"{r['engine']}/{r['workload']}" for r in failed))
+    if any(r["workload"] == "scale" and "error" not in r for r in rows):
+        print("\n### scale: 10,000 devices at 10%\n")
+        print(_scale_table(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments; run one child measurement or the whole benchmark."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -409,11 +428,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--no-scale", action="store_true", help="skip the 10,000-device run")
     p.add_argument("--profile", default=None, metavar="ENGINE:WORKLOAD")
+    p.add_argument("--tables", action="store_true",
+                   help="only print the tables of the last run (bench/out/engine.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         Path(a.result).write_text(json.dumps(child(json.loads(a.child))))
+        return 0
+    if a.tables:
+        saved = json.loads(OUT.read_text())
+        _print_tables(saved["rows"], list(saved["meta"]["workloads"]), saved["meta"]["rounds"],
+                      saved["meta"]["reps"])
         return 0
     rounds = a.rounds or (4 if a.quick else 10)
     if a.profile:
@@ -465,17 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    for w in workloads:
-        print(f"\n### {w} (R = {rounds}, median of {reps} repetition(s); each engine "
-              f"between two floor runs)\n")
-        print(_table(rows, w))
-    failed = [r for r in rows if "error" in r]
-    if failed:
-        print(f"\n{len(failed)} measurement(s) failed: "
-              + ", ".join(f"{r['engine']}/{r['workload']}" for r in failed))
-    if any(r["workload"] == "scale" and "error" not in r for r in rows):
-        print("\n### scale: 10,000 devices at 10%\n")
-        print(_scale_table(rows))
+    _print_tables(rows, workloads, rounds, reps)
     print(f"\n-> {OUT}")
     return 0
 
