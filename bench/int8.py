@@ -216,6 +216,50 @@ def _run_case(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]
     return res
 
 
+def _time_dw(n: int, c: int, hw: int, o: int) -> dict[str, Any]:
+    """Median CPU ms of 5 interleaved calls of each conv weight-gradient kernel."""
+    from clients.int8 import _kernels as K
+
+    torch.manual_seed(0)
+    x8 = torch.randint(-127, 128, (n, c, hw, hw), dtype=torch.int8)
+    xu = K.to_u8(x8)
+    g8 = torch.randint(-127, 128, (n, o, hw, hw), dtype=torch.int8)
+    xf, gf, wf = x8.float(), g8.float(), torch.randn(o, c, 3, 3)
+    geo = ((1, 1), (1, 1), (1, 1), 1)
+    mask = [False, True, False]
+    fns: dict[str, Callable[[], object]] = {
+        "fp32": lambda: torch.ops.aten.convolution_backward(
+            gf, xf, wf, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask
+        ),
+        "shifted": lambda: K.qconv2d_weight_grad(xu, 1.0, g8, 1.0, (3, 3), *geo, "shifted"),
+        "swapped": lambda: K.qconv2d_weight_grad(xu, 1.0, g8, 1.0, (3, 3), *geo, "swapped"),
+        "im2col": lambda: K.im2col_conv2d_weight_grad(x8, 1.0, g8, 1.0, (3, 3), *geo),
+    }
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(5):
+        for k, f in fns.items():
+            c0 = time.process_time()
+            f()
+            times[k].append(1e3 * (time.process_time() - c0))
+    return {
+        "shape": f"{n}x{c}x{hw}x{hw}->{o}",
+        **{k: statistics.median(v) for k, v in times.items()},
+    }
+
+
+def _kernel_table() -> list[dict[str, Any]]:
+    """Conv weight-gradient kernels side by side at the benchmark's conv shapes."""
+    rows = []
+    for shape in [(64, 128, 16, 128), (128, 16, 8, 32), (128, 1, 8, 16)]:
+        row = _time_dw(*shape)
+        rows.append(row)
+        names = ["fp32", "shifted", "swapped", "im2col"]
+        print(f"dW {row['shape']:>18s}: " + "  ".join(f"{k} {row[k]:.2f} ms" for k in names))
+    return rows
+
+
 GOALS = {"mlp2048": 2.0, "cnn128": 1.5}
 HEADER = [
     "model", "batch", "fp32 ms", "qat ms", "int8 ms", "vs fp32", "vs qat",
@@ -248,10 +292,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--kernels", action="store_true", help="also time the conv dW kernels")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps, args.warmup = 3, 2, 2
     torch.set_num_threads(args.threads)
+    kernels = _kernel_table() if args.kernels else []
     results = []
     for name in args.models:
         batches = MODELS[name][3][-1:] if args.quick else MODELS[name][3]
@@ -278,6 +324,7 @@ def main() -> None:
         "compile_log_s": compile_log,
         "results": results,
         "goals": goals,
+        "kernels_dw_ms": kernels,
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=1))

@@ -314,11 +314,13 @@ def qconv2d_weight_grad(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
+    method: str = "auto",
 ) -> torch.Tensor:
     """Weight gradient of a convolution on int8 kernels.
 
     ``dW[o, c, i, j] = sum_{n, h, w} g[n, o, h, w] * x_pad[n, c, h*s + i*d, w*s + j*d]``.
-    Two ways, chosen by shape (both measured by ``bench/int8.py``'s kernel table):
+    Two ways, chosen by shape (``method="auto"``) or forced (``"shifted"``, ``"swapped"``);
+    ``bench/int8.py --kernels`` times them against im2col and FP32:
 
     * stride 1, one group: :func:`_shifted_gemm_weight_grad`, ``kh * kw`` int8 GEMMs on
       shifted views (no im2col copy, no weight prepack);
@@ -348,7 +350,12 @@ def qconv2d_weight_grad(
     N, C, H, W = x_u8.shape
     _, Co, Ho, Wo = g_q.shape
     kh, kw = int(kernel_hw[0]), int(kernel_hw[1])
-    if groups == 1 and st == [1, 1] and (H + 2 * pa[0]) * (W + 2 * pa[1]) <= SAFE_K:
+    shifted_ok = groups == 1 and st == [1, 1] and (H + 2 * pa[0]) * (W + 2 * pa[1]) <= SAFE_K
+    if method not in ("auto", "shifted", "swapped"):
+        raise ValueError(f"qconv2d_weight_grad: unknown method {method!r}")
+    if method == "shifted" and not shifted_ok:
+        raise ValueError("qconv2d_weight_grad: 'shifted' needs stride 1 and one group")
+    if shifted_ok and method != "swapped":
         dw = _shifted_gemm_weight_grad(x_u8, g_q, (kh, kw), pa, di)
         return dw * (float(x_scale) * float(g_scale))
     Cg, Og = C // groups, Co // groups
