@@ -27,7 +27,13 @@ the parameters themselves (they exist anyway). ``peak`` estimates the step's pea
 parameters + gradients + momentum buffers + every tensor the whole model saves for backward
 (same rule); allocator slack and the transient buffers of a single op are not included
 (tracemalloc does not see torch's allocations and the process RSS cannot separate three
-variants in one process).
+variants in one process). The converted layers save 4x fewer bytes, but the whole model's
+estimate barely moves: in FP32 a ReLU and the next conv/linear share one saved tensor (the
+ReLU output), while with INT8 the ReLU still saves its FP32 output beside the layer's int8
+codes. Fusing the ReLU into the int8 layer (its mask from the codes' sign) would remove it.
+
+``--kernels`` also times the conv weight-gradient kernels (shifted int8 GEMMs, oneDNN int8
+conv with batch and channels swapped, im2col + ``_int_mm``, FP32) at the benchmark shapes.
 
 Writes ``bench/out/int8.json`` and prints a table. Run:
 ``.venv/bin/python bench/int8.py`` (a few minutes on 2 shared cores) or ``--quick``.
