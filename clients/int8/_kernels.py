@@ -164,6 +164,19 @@ def int_mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torc
     return int_mm(a, b) * scale
 
 
+_consts: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+
+
+def _const(n: int, value: int, dtype: torch.dtype) -> torch.Tensor:
+    """A cached, never-written ``(n,)`` tensor filled with ``value`` (zero points, unit
+    scales): one allocation per size instead of one per call."""
+    key = (n, value, dtype)
+    t = _consts.get(key)
+    if t is None:
+        t = _consts[key] = torch.full((n,), value, dtype=dtype)
+    return t
+
+
 def _pair(v: int | Sequence[int]) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
 
@@ -203,7 +216,7 @@ def qconv2d(
     st, pa, di = _pair(stride), _pair(padding), _pair(dilation)
     ws = w_scales.to(torch.float64)
     packed = torch.ops.onednn.qconv_prepack(w_q, ws, float(x_scale), 128, st, pa, di, groups, None)
-    zps = torch.zeros(ws.shape, dtype=torch.int64)
+    zps = _const(ws.shape[0], 0, torch.int64)
     return torch.ops.onednn.qconv2d_pointwise(
         x_u8, float(x_scale), 128, packed, ws, zps, bias, st, pa, di, groups,
         1.0, 0, torch.float32, "none", [], "",
@@ -294,7 +307,7 @@ def qconv2d_input_grad(
         before = di[ax] * (k - 1) - pa[ax]
         pads.append((before, before + extra))
     wt = _transposed_weight(w_q, groups)
-    ones = torch.ones(wt.shape[0], dtype=torch.float64)
+    ones = _const(wt.shape[0], 1, torch.float64)
     if st == [1, 1] and all(b >= 0 and a == b for a, b in pads):
         x = g_u8
         conv_pad = [pads[0][0], pads[1][0]]

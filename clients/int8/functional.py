@@ -106,8 +106,17 @@ def _q_grad_factor(
     )
 
 
+_fn_cache: dict[tuple[str, Int8Config], Callable[..., Any]] = {}
+
+
 def _f(name: str, fn: Callable[..., Any], cfg: Int8Config) -> Callable[..., Any]:
-    return fused(name, fn, cfg.compile)
+    """The fused ``fn`` for this config's variant (looked up once per config)."""
+    key = (name, cfg)
+    got = _fn_cache.get(key)
+    if got is None:
+        variant = f"{name}[prc={cfg.prc},per_channel={cfg.per_channel},sr={cfg.stochastic}]"
+        got = _fn_cache[key] = fused(variant, fn, cfg.compile)
+    return got
 
 
 def _flat(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
@@ -128,8 +137,7 @@ def _quantize_forward(
     weight's shape) and ``(Co,)`` scales, rounded as configured."""
     flat, unflat = _flat(x)
     out = w.shape[0]
-    name = f"quantize_forward[per_channel={cfg.per_channel},stochastic={cfg.stochastic}]"
-    xq, sx, wq, sw = _f(name, _q_fwd, cfg)(
+    xq, sx, wq, sw = _f("quantize_forward", _q_fwd, cfg)(
         flat, w.reshape(out, -1), cfg.stochastic, offset, cfg.per_channel, _seed(cfg)
     )
     return unflat(xq), sx, wq.view(w.shape), sw.reshape(-1).expand(out)
@@ -143,8 +151,7 @@ def _quantize_backward(
     the forward's codes need not be saved) with ``(Co,)`` scales."""
     flat, unflat = _flat(g)
     w2 = None if w is None else w.reshape(w.shape[0], -1)
-    name = f"quantize_backward[prc={cfg.prc},per_channel={cfg.per_channel}]"
-    q, qu, s, wq, sw = _f(name, _q_bwd, cfg)(
+    q, qu, s, wq, sw = _f("quantize_backward", _q_bwd, cfg)(
         flat, w2, cfg.prc, cfg.prc_fraction, cfg.prc_z, cfg.per_channel, both
     )
     if w is not None:
