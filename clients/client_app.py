@@ -34,6 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from clients.codecs import compression_mod
 from clients.data import FleetData
 from clients.measure import Meter, measure_enabled, process_age_s
 from clients.models import build_model
@@ -61,7 +62,9 @@ __all__ = [
     "train_on_device",
 ]
 
-app = ClientApp()
+# compression_mod sends the compressed update the server asks for (its train messages
+# name the codec; ``strategies.CompressedStrategy``) and is a pass-through otherwise.
+app = ClientApp(mods=[compression_mod()])
 
 
 @functools.lru_cache(maxsize=4)
@@ -176,7 +179,10 @@ def train_on_device(
     data = fleet_data(spec)
     x, y = data.device_data(pid)
     batch = min(spec.train.batch_size, len(x))
-    trainable, cost, _ = _plan(spec, profile, batch)
+    # The plan is cached per process: whether this call computes it must not change the
+    # RNG stream the training sees (else results would depend on which worker ran it).
+    with torch.random.fork_rng(devices=[]):
+        trainable, cost, _ = _plan(spec, profile, batch)
     model = build_training_model(spec)
     model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
     freeze_except(model, trainable)

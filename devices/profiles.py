@@ -222,7 +222,7 @@ def load_profile_file(path: str | Path) -> DeviceProfile:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ProfileError(f"profile file {str(path)!r} cannot be read: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ProfileError(f"profile file {str(path)!r} is not valid TOML: {exc}") from exc
     name = data.get("name")
     shown = name if isinstance(name, str) and name.strip() else path.stem

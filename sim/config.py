@@ -12,6 +12,8 @@ A config has these tables (all optional but ``fleet``; defaults in the dataclass
                 timeout_s, args = {...}
     [engine]    name ("tinyfleet" | "flower"), backend ("local" | "ray"), actors, ray_address
     [availability] kind ("always" | "trace" | "diurnal"), path, period_s, always_on_share
+    [compression] uplink, downlink (codec specs, e.g. "sgq"; see clients.codecs)
+    [faults]    raise_rate, hang_rate, nan_rate, oversize_rate, kill_actor_round (sim.faults)
 
 Every error names the field (``train.lr: expected a number > 0, got -1``). The whole
 document travels to the apps flattened into Flower's run config (``clients.spec``).
@@ -43,7 +45,8 @@ __all__ = [
 
 _STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedbuff")
 _TOP_LEVEL = {"seed", "rounds", "fleet", "data", "model", "train", "strategy", "engine",
-              "availability", "name", "description", "compression", "faults", "tinyfleet"}
+              "availability", "name", "description", "compression", "faults", "tinyfleet",
+              "continual", "perception"}
 _SCALARS = {"seed", "rounds", "name", "description"}
 
 
@@ -63,6 +66,7 @@ class StrategySpec:
     min_train: int = 2
     deadline_s: float = 0.0
     timeout_s: float = 3600.0
+    overcommit: float = 1.0
     args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,6 +83,28 @@ class StrategySpec:
             raise ConfigError(f"deadline_s: expected a number >= 0, got {self.deadline_s}")
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s: expected a number > 0, got {self.timeout_s}")
+        if not self.overcommit >= 1:
+            raise ConfigError(f"overcommit: expected a number >= 1, got {self.overcommit}")
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """Compressed updates (``clients.codecs``): codec specs such as ``"sgq"``,
+    ``"sgq:bits=2"``, ``"topk:ratio=0.01"``; empty strings send plain arrays."""
+
+    uplink: str = ""
+    downlink: str = ""
+
+    def __post_init__(self) -> None:
+        from clients.codecs import get_codec
+
+        for f in ("uplink", "downlink"):
+            spec = getattr(self, f)
+            if spec:
+                try:
+                    get_codec(spec)
+                except ConfigError as exc:
+                    raise ConfigError(f"{f}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -135,6 +161,7 @@ class ExperimentConfig:
     strategy: StrategySpec
     engine: EngineSpec
     availability: AvailabilitySpec
+    compression: CompressionSpec
     doc: Mapping[str, Any]
     source: str = ""
 
@@ -208,13 +235,14 @@ def from_doc(doc: Mapping[str, Any], source: str = "") -> ExperimentConfig:
     engine = build_dataclass(EngineSpec, doc.get("engine"), "engine")
     avail = build_dataclass(AvailabilitySpec, doc.get("availability"), "availability")
     FaultSpec.from_table(doc.get("faults"))
+    comp = build_dataclass(CompressionSpec, doc.get("compression"), "compression")
     sample = max(int(client.fleet.size * strategy.fraction_train), strategy.min_train)
     if sample > client.fleet.size or strategy.min_available > client.fleet.size:
         raise ConfigError(
             f"strategy: needs {max(sample, strategy.min_available)} devices per round "
             f"(fraction_train, min_train, min_available) but fleet.size is {client.fleet.size}"
         )
-    return ExperimentConfig(client, rounds, strategy, engine, avail, doc, source)
+    return ExperimentConfig(client, rounds, strategy, engine, avail, comp, doc, source)
 
 
 def _check_strategy_args(spec: StrategySpec) -> None:

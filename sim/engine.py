@@ -45,7 +45,9 @@ import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.node_pb2 import NodeInfo
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run, RunStatus
 from flwr.supercore.task_identity import TaskIdentity
@@ -56,10 +58,12 @@ from sim.clock import VirtualClock, iso_instant
 from sim.executor import (
     LocalExecutor,
     Task,
+    deserialize_context,
     deserialize_message,
     serialize_context,
     serialize_message,
 )
+from sim.store import NodeStore
 
 __all__ = ["DeviceSlot", "FleetGrid", "ReplyRecord", "calibrate_host_macs_per_s"]
 
@@ -159,6 +163,7 @@ class _Pending:
     bytes_down: int
     payload_down: int
     start_s: float
+    data: bytes = b""
 
 
 @dataclass
@@ -209,6 +214,7 @@ class FleetGrid(Grid):
         run_id: int | None = None,
         validate_replies: bool = True,
         max_update_factor: float = 4.0,
+        store: NodeStore | None = None,
     ) -> None:
         self.client_app = client_app
         self.slots = {s.node_id: s for s in slots}
@@ -224,11 +230,12 @@ class FleetGrid(Grid):
         self._host_macs = host_macs_per_s
         self._run_id = run_id if run_id is not None else _stable_seed(seed, "run") % (2**31)
         self._run: Run | None = None
-        self._contexts: dict[int, bytes] = {}
+        self.store = store or NodeStore()
         self._pending: dict[str, _Pending] = {}
         self._inbox: dict[str, tuple[float, int, Message]] = {}
         self._msg_counter = 0
         self._lost = 0
+        self._max_down = 0
         self._idle_polls = 0
 
     # ------------------------------------------------------------------ Grid API
@@ -295,7 +302,8 @@ class FleetGrid(Grid):
             md.__dict__["_run_id"] = self.run.run_id
             md.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
             data = serialize_message(msg)
-            self._pending[mid] = _Pending(msg, len(data), _payload_bytes(msg), self.clock.now)
+            self._pending[mid] = _Pending(msg, len(data), _payload_bytes(msg), self.clock.now,
+                                          data)
             ids.append(mid)
         return ids
 
@@ -351,21 +359,20 @@ class FleetGrid(Grid):
     # ------------------------------------------------------------------ engine
 
     def _context_bytes(self, slot: DeviceSlot) -> bytes:
-        data = self._contexts.get(slot.node_id)
-        if data is None:
-            ctx = Context(
-                run_id=self.run.run_id,
-                node_id=slot.node_id,
-                node_config={
-                    "partition-id": slot.partition_id,
-                    "num-partitions": len(self.slots),
-                    "device": slot.profile.name,
-                },
-                state=RecordDict(),
-                run_config=dict(self.run_config),
-            )
-            data = serialize_context(ctx)
-        return data
+        """The node's ``Context`` (rebuilt around its stored state) as bytes."""
+        state = self.store.get(slot.node_id)
+        ctx = Context(
+            run_id=self.run.run_id,
+            node_id=slot.node_id,
+            node_config={
+                "partition-id": slot.partition_id,
+                "num-partitions": len(self.slots),
+                "device": slot.profile.name,
+            },
+            state=_state_from_bytes(state) if state else RecordDict(),
+            run_config=self.run_config,
+        )
+        return serialize_context(ctx)
 
     def _host_ratio(self, profile: DeviceProfile) -> float:
         if self._host_macs is None:
@@ -381,7 +388,7 @@ class FleetGrid(Grid):
             md = p.message.metadata
             seed = _stable_seed(self.seed, _round_id(p.message), md.message_type,
                                 slot.node_id)
-            tasks.append(Task(slot.node_id, serialize_message(p.message),
+            tasks.append(Task(slot.node_id, p.data or serialize_message(p.message),
                               self._context_bytes(slot), seed))
         lost = int(getattr(self.executor, "replaced", 0))
         results = self.executor.run(tasks)
@@ -391,7 +398,7 @@ class FleetGrid(Grid):
             p = self._pending.pop(mid)
             slot = self.slots[res.node_id]
             reply = deserialize_message(res.reply)
-            self._contexts[slot.node_id] = res.context
+            self.store.put(slot.node_id, _state_bytes(res.context))
             t0 = p.start_s
             rec, finish = self._account(slot, p, reply, len(res.reply), res.host_s, t0)
             checked, problem = self._validate(p, reply, len(res.reply))
@@ -450,10 +457,14 @@ class FleetGrid(Grid):
         """
         if not self.validate_replies or reply.has_error() or not reply.has_content():
             return reply, ""
-        limit = self.max_update_factor * max(pending.payload_down, 1) + 65536
+        # Relative to the largest instruction of the run: a compressed downlink must not
+        # make an honest full-size reply look oversized.
+        self._max_down = max(self._max_down, pending.payload_down)
+        limit = self.max_update_factor * max(self._max_down, 1) + 65536
         if _payload_bytes(reply) > limit:
             reason = (f"rejected: the reply's payload is {_payload_bytes(reply)} bytes, more "
-                      f"than {self.max_update_factor}x the {pending.payload_down} bytes sent")
+                      f"than {self.max_update_factor}x the {self._max_down} bytes of the "
+                      "largest instruction")
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason),
                            reply_to=pending.message), "oversize"
         for rec in reply.content.array_records.values():
@@ -529,6 +540,31 @@ class FleetGrid(Grid):
     def shutdown(self) -> None:
         """Release the executor."""
         self.executor.shutdown()
+
+    # ------------------------------------------------------------------ selection hook
+
+    def device_of(self, node_id: int) -> DeviceProfile:
+        """The profile of a node: strategies may read it to select devices."""
+        return self.slots[node_id].profile
+
+    def online_until(self, node_id: int) -> float:
+        """Until when (emulated seconds) a node stays online from now."""
+        slot = self.slots[node_id]
+        return self.availability.online_until(slot.partition_id, self.clock.now)
+
+
+def _state_bytes(context_bytes: bytes) -> bytes:
+    """Only the ``state`` of a serialized Context (the rest is rebuilt per task)."""
+    ctx = deserialize_context(context_bytes)
+    if not ctx.state:
+        return b""
+    return bytes(recorddict_to_proto(ctx.state).SerializeToString())
+
+
+def _state_from_bytes(data: bytes) -> RecordDict:
+    proto = ProtoRecordDict()
+    proto.ParseFromString(data)
+    return recorddict_from_proto(proto)
 
 
 def _round_id(msg: Message) -> str:

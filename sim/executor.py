@@ -213,7 +213,9 @@ class RayExecutor:
         self._owns_ray = False
         if not ray.is_initialized():
             ray.init(
-                address=address,
+                # "local" always starts a fresh local Ray: without an address, ray.init
+                # would join whatever cluster `ray start` left in /tmp/ray on this host.
+                address=address or "local",
                 runtime_env=runtime_env,
                 include_dashboard=False,
                 log_to_driver=False,

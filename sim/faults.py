@@ -27,7 +27,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +65,10 @@ class FaultSpec:
     @classmethod
     def from_table(cls, table: Mapping[str, Any] | None) -> FaultSpec:
         """Build from the config's ``[faults]`` table, naming unknown fields."""
-        table = dict(table or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise ConfigError(f"faults: unknown field(s) {unknown}; expected some of "
-                              f"{sorted(known - {'marker_dir'})}")
-        return cls(**table)
+        from clients.spec import build_dataclass
+
+        spec: FaultSpec = build_dataclass(cls, table, "faults")
+        return spec
 
     @property
     def active(self) -> bool:

@@ -42,6 +42,7 @@ __all__ = [
     "has_run",
     "provenance",
     "publish",
+    "round_columns",
     "round_rows",
     "write_csv",
     "write_plots",
@@ -178,6 +179,11 @@ def round_rows(
             "actors_lost": sum(getattr(s, "actors_lost", 0) for s in span_objs.get(rnd, [])),
             "source": source,
         })
+        # Extra figures the ServerApp evaluates (e.g. continual learning's per-task
+        # accuracy and forgetting) follow the schema's columns.
+        for k, v in ev.get(rnd, {}).items():
+            if k not in rows[-1] and k != "clock_s":
+                rows[-1][k] = v
     # A round ends when the server evaluates its model (the engine stamps that instant);
     # without one, at the end of its last exchange. Its time is the clock's advance.
     last = 0.0
@@ -189,6 +195,14 @@ def round_rows(
         r["round_time_s"] = r["clock_s"] - last
         last = r["clock_s"]
     return rows
+
+
+def round_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``ROUND_COLUMNS`` then any extra columns the rows carry, in first-seen order."""
+    extra: list[str] = []
+    for r in rows:
+        extra += [k for k in r if k not in ROUND_COLUMNS and k not in extra]
+    return ROUND_COLUMNS + extra
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:

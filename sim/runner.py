@@ -32,6 +32,7 @@ from sim.availability import AlwaysOnline, Availability, diurnal_trace, load_tra
 from sim.config import ExperimentConfig, from_doc
 from sim.engine import FleetGrid, ReplyRecord, make_slots, run_server_app
 from sim.executor import LocalExecutor, RayExecutor
+from sim.guard import check_resources
 from sim.journal import Journal, JournaledExecutor, atomic_write
 
 __all__ = ["RunResult", "resume_experiment", "run_experiment", "run_simulation"]
@@ -151,6 +152,10 @@ def run_experiment(
         run_config["tinyfleet.out"] = str(out_dir)
     profiles = assign_profiles(cfg.client.fleet.mix, cfg.client.fleet.size, cfg.seed)
     slots = make_slots(profiles, cfg.seed, cfg.client.fleet.link_spread)
+    if "continual" in cfg.doc:
+        # Continual learning on data streams has its own pair of apps.
+        from clients.continual_app import app as default_client_app
+        from sim.continual_server import app as default_server_app
     capp = client_app or default_client_app
     faults = cfg.faults
     if faults.kill_actor_round:
@@ -158,11 +163,17 @@ def run_experiment(
             tempfile.mkdtemp(prefix="tinyfleet-faults-"))
         faults = dataclasses.replace(faults, marker_dir=str(marker))
 
+    # Refuse (or throttle the actors of) a run that would not fit this machine's memory.
+    plan = check_resources(cfg, backend=backend or cfg.engine.backend,
+                           actors=cfg.engine.actors if actors is None else actors)
+    if plan.throttled:
+        log.warning("%s", plan.describe())
+
     def make_executor() -> Any:
         return _executor(
             capp,
             backend or cfg.engine.backend,
-            cfg.engine.actors if actors is None else actors,
+            plan.actors,
             cfg.engine.ray_address if ray_address is None else ray_address,
             faults=faults if faults.active else None,
         )
@@ -262,7 +273,7 @@ def _finish(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        results.write_csv(out / "rounds.csv", rounds, results.ROUND_COLUMNS)
+        results.write_csv(out / "rounds.csv", rounds, results.round_columns(rounds))
         results.write_csv(out / "devices.csv", devices, results.DEVICE_COLUMNS)
         summary["plots"] = results.write_plots(out, rounds, devices)
         if final is not None:

@@ -26,7 +26,9 @@ from clients.spec import expand_run_config, unflatten
 from clients.training import evaluate_model
 from sim import results
 from sim.config import ExperimentConfig, from_doc
+from strategies.compressed import CompressedStrategy
 from strategies.deadline import DeadlineStrategy
+from strategies.selection import OverCommit
 
 __all__ = ["app", "config_from_run_config", "make_strategy"]
 
@@ -67,6 +69,11 @@ def make_strategy(cfg: ExperimentConfig) -> Strategy:
         strategy = FedBuff(**common)
     else:
         strategy = FedAvg(**common)
+    if cfg.compression.uplink or cfg.compression.downlink:
+        strategy = CompressedStrategy(strategy, cfg.compression.uplink or "fp32",
+                                      cfg.compression.downlink or None)
+    if s.overcommit > 1.0:
+        strategy = OverCommit(strategy, s.overcommit)
     if s.deadline_s > 0:
         strategy = DeadlineStrategy(strategy, s.deadline_s)
     return strategy

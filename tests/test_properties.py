@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -147,9 +146,6 @@ def test_mutated_default_config(doc: dict[str, Any]) -> None:
     _check_config(doc)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sim/faults.FaultSpec.from_table passes values unchecked to the dataclass: "
-    "kill_actor_round='x' raises TypeError; fix: build it with clients.spec.build_dataclass"))
 @_examples(100)
 @given(st.dictionaries(st.sampled_from(["raise_rate", "hang_rate", "nan_rate",
                                         "oversize_rate", "kill_actor_round", "hang_wall_s"]),
@@ -335,9 +331,6 @@ def test_profile_loader_random_text(tmp_path: Path, text: str) -> None:
         load_profile_file(p)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "devices/profiles.load_profile_file: a non-UTF-8 file raises UnicodeDecodeError; fix: "
-    "catch it beside tomllib.TOMLDecodeError"))
 @_examples(100)
 @given(st.binary(max_size=200))
 def test_profile_loader_random_bytes(tmp_path: Path, blob: bytes) -> None:

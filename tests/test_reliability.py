@@ -146,7 +146,7 @@ def test_bad_fault_config_is_named(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_raising_clients_and_a_killed_actor(tmp_path: Path) -> None:
     cfg = load_config(_write_cfg(tmp_path, "fedavg")).with_overrides(**{
-        "faults": {"raise_rate": 0.1, "kill_actor_round": 2}, "rounds": 3})
+        "faults": {"raise_rate": 0.3, "kill_actor_round": 2}, "rounds": 3})
     res = run_experiment(cfg, tmp_path / "out", backend="ray", actors=2)
     assert res.summary["engine"]["actors_replaced"] == 1
     assert sum(int(r["actors_lost"]) for r in res.rounds) == 1
