@@ -24,6 +24,7 @@ unless ``train.on_budget = "sparse"``, in which case only the layers that fit tr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -142,6 +143,8 @@ def _plan(
     }
     storage = _weight_storage_bytes(model, spec.train.precision)
     cost = training_step_cost(model, data.input_shape, batch, **kw)  # type: ignore[arg-type]
+    if spec.train.precision == "int8":
+        cost = _int8_cost(spec, data, batch, cost, kw)
     try:
         check_fit(cost, profile, weight_storage_bytes=storage)
         return None, cost, "full"
@@ -152,6 +155,33 @@ def _plan(
         model, data.input_shape, batch, profile, weight_storage_bytes=storage, **kw
     )  # type: ignore[arg-type]
     return plan.trainable, plan.cost, plan.summary
+
+
+def _int8_cost(
+    spec: ClientSpec, data: FleetData, batch: int, measured: StepCost, kw: dict[str, Any]
+) -> StepCost:
+    """An INT8 step's cost: MACs and time from the FP32 graph at INT8 throughput,
+    memory from a real step of the INT8 model.
+
+    torch's flop counter does not see the int8 kernels (``_int_mm``, oneDNN's int8
+    convolution), so the INT8 model's own trace reports no MACs; the layer structure,
+    and so the work, is that of the FP32 model, which the cost model runs with the
+    profile's ``int8`` throughput for conv/linear layers. The bytes the step really holds
+    (int8 saved codes, FP32 master weights, gradients, optimizer state) come from
+    ``measured``, the traced step of the prepared model.
+    """
+    twin = training_step_cost(build_client_model(spec, data), data.input_shape, batch, **kw)
+    return dataclasses.replace(
+        twin,
+        activation_bytes=measured.activation_bytes,
+        transient_bytes=measured.transient_bytes,
+        peak_bytes=measured.peak_bytes,
+        weight_bytes=measured.weight_bytes,
+        grad_bytes=measured.grad_bytes,
+        optimizer_bytes=measured.optimizer_bytes,
+        param_count=measured.param_count,
+        trainable_param_count=measured.trainable_param_count,
+    )
 
 
 def _weight_storage_bytes(model: nn.Module, precision: str) -> int:

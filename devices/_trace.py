@@ -76,8 +76,21 @@ class StepTrace:
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:
-    storage = t.untyped_storage()
+    try:
+        storage = t.untyped_storage()
+    except RuntimeError:
+        # Opaque tensors (e.g. oneDNN's packed int8 weights) have no storage to share:
+        # each is its own allocation.
+        return id(t), t.numel() * t.element_size()
     return storage._cdata, storage.nbytes()
+
+
+def _keepalive(t: torch.Tensor) -> Any:
+    """What keeps ``t``'s memory alive until accounted (its storage, or itself)."""
+    try:
+        return t.untyped_storage()
+    except RuntimeError:
+        return t
 
 
 def _conv_backward_macs(args: tuple[Any, ...], out: Any) -> int:
@@ -182,7 +195,7 @@ class _Recorder(TorchDispatchMode):
         storages = []
         for t in ins + outs:
             storages.append(_storage_key(t))
-            self.keep.append(t.untyped_storage())
+            self.keep.append(_keepalive(t))
         self.ops.append(
             OpRecord(self.layers.current(), self.phase, _op_macs(func, args, kwargs, out),
                      nbytes, storages)
@@ -237,7 +250,7 @@ def _run(
         key, nbytes = _storage_key(t)
         if key not in saved:
             saved[key] = (nbytes, layers.current())
-            recorder.keep.append(t.untyped_storage())
+            recorder.keep.append(_keepalive(t))
         return t
 
     with ExitStack() as stack:
