@@ -100,3 +100,11 @@ def test_cli_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     bad.write_text("[fleet]\nsize = 4\nmix = { toaster = 1.0 }\n")
     assert cli_main(["run", str(bad), "--no-progress"]) == 2
     assert "fleet.mix.toaster" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["fedprox", "fedadam"])
+def test_flower_strategies_run_unchanged(name: str) -> None:
+    args = {"eta": 0.05, "eta_l": 0.05} if name == "fedadam" else {}
+    res = run_experiment(_small(**{"strategy.name": name, "rounds": 2, "strategy.args": args}))
+    acc = [float(r["accuracy"]) for r in res.rounds]
+    assert len(acc) == 3 and acc[-1] > acc[0]
