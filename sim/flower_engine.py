@@ -46,7 +46,7 @@ from sim import results
 from sim.config import ExperimentConfig
 from sim.engine import CallSpan, DeviceSlot, ReplyRecord, make_slots
 from sim.executor import serialize_message
-from sim.runner import RunResult
+from sim.runner import Progress, RunResult
 
 __all__ = ["MeteredGrid", "flower_apps", "run_with_flower"]
 
@@ -367,39 +367,19 @@ def run_with_flower(
     return _finish(cfg, grids[0], collected, wall_s, slots, out_dir)
 
 
-class _Bar:
-    """A bar over rounds with the latest accuracy; forwards to the caller's callback."""
+class _Bar(Progress):
+    """The runner's bar on wall time; forwards to the caller's callback."""
 
     def __init__(self, total: int, run_key: str, enabled: bool,
                  forward: Callable[[MeteredGrid], None] | None) -> None:
-        self.run_key = run_key
+        super().__init__(total, run_key, enabled, label="wall")
         self.forward = forward
-        self.done = 0
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="round", dynamic_ncols=True)
-
-    def __call__(self, grid: MeteredGrid) -> None:
+    def __call__(self, grid: MeteredGrid) -> None:  # type: ignore[override]
         if self.forward is not None:
             self.forward(grid)
-        if self.bar is None or not grid.spans:
-            return
-        try:
-            rnd = int(grid.spans[-1].group_id)
-        except ValueError:
-            return
-        evals = results.collect(self.run_key).get("eval", [])
-        acc = evals[-1]["accuracy"] if evals else float("nan")
-        if rnd > self.done:
-            self.bar.update(rnd - self.done)
-            self.done = rnd
-        self.bar.set_postfix_str(f"wall {grid.spans[-1].end_s:,.1f}s acc {acc:.3f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if grid.spans:
+            self.show(grid.spans[-1].group_id, grid.spans[-1].end_s)
 
 
 def _finish(

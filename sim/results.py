@@ -29,7 +29,7 @@ import json
 import subprocess
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ __all__ = [
     "provenance",
     "publish",
     "round_columns",
+    "subscribe",
     "round_rows",
     "write_csv",
     "write_plots",
@@ -63,6 +64,7 @@ DEVICE_COLUMNS = [
 
 _lock = threading.Lock()
 _registry: dict[str, dict[str, list[Any]]] = {}
+_listeners: dict[str, list[Callable[[str, Any], None]]] = {}
 
 
 def publish(run_key: str, kind: str, value: Any) -> None:
@@ -71,6 +73,15 @@ def publish(run_key: str, kind: str, value: Any) -> None:
         return
     with _lock:
         _registry.setdefault(run_key, defaultdict(list))[kind].append(value)
+        listeners = list(_listeners.get(run_key, ()))
+    for fn in listeners:
+        fn(kind, value)
+
+
+def subscribe(run_key: str, fn: Callable[[str, Any], None]) -> None:
+    """Call ``fn(kind, value)`` on every later ``publish`` for ``run_key``."""
+    with _lock:
+        _listeners.setdefault(run_key, []).append(fn)
 
 
 def has_run(run_key: str) -> bool:
@@ -85,9 +96,10 @@ def collect(run_key: str) -> dict[str, list[Any]]:
 
 
 def clear(run_key: str) -> None:
-    """Forget ``run_key``."""
+    """Forget ``run_key`` (and its listeners)."""
     with _lock:
         _registry.pop(run_key, None)
+        _listeners.pop(run_key, None)
 
 
 def device_rows(records: Iterable[Any], source: str = "emulated") -> list[dict[str, Any]]:

@@ -87,34 +87,52 @@ def _executor(
     return LocalExecutor(client_app, count_macs=count_macs, faults=faults)
 
 
-class _Progress:
-    """A bar over rounds with the emulated clock and the latest accuracy."""
+class Progress:
+    """A bar over rounds with a clock (emulated or wall) and the latest accuracy.
 
-    def __init__(self, total: int, run_key: str, enabled: bool) -> None:
+    Engines call :meth:`show` after each exchange; the accuracy comes from what the
+    ServerApp published for ``run_key``.
+    """
+
+    def __init__(self, total: int, run_key: str, enabled: bool, label: str = "clock") -> None:
         self.run_key = run_key
+        self.label = label
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="round", dynamic_ncols=True)
+            results.subscribe(run_key, self._on_publish)
         self.done = 0
+        self.t = 0.0
 
-    def __call__(self, grid: FleetGrid) -> None:
-        if self.bar is None or not grid.state.spans:
+    def _on_publish(self, kind: str, value: Any) -> None:
+        # The server evaluated a round: show its accuracy at once.
+        if kind == "eval" and isinstance(value, Mapping):
+            self.show(str(value.get("round", "")), float(value.get("clock_s", self.t)))
+
+    def show(self, group_id: str, t: float) -> None:
+        """Advance to the round ``group_id`` names; show ``t`` seconds and the accuracy."""
+        if self.bar is None:
             return
-        span = grid.state.spans[-1]
         try:
-            rnd = int(span.group_id)
+            rnd = int(group_id)
         except ValueError:
             return
+        self.t = t
         evals = results.collect(self.run_key).get("eval", [])
         acc = evals[-1]["accuracy"] if evals else float("nan")
         if rnd > self.done:
             self.bar.update(rnd - self.done)
             self.done = rnd
-        self.bar.set_postfix_str(f"clock {grid.clock.now:,.1f}s acc {acc:.3f}")
+        self.bar.set_postfix_str(f"{self.label} {t:,.1f}s acc {acc:.3f}")
+
+    def __call__(self, grid: FleetGrid) -> None:
+        if grid.state.spans:
+            self.show(grid.state.spans[-1].group_id, grid.clock.now)
 
     def close(self) -> None:
+        """Close the bar."""
         if self.bar is not None:
             self.bar.close()
 
@@ -183,7 +201,7 @@ def run_experiment(
         executor = JournaledExecutor(_open_journal(cfg, Path(out_dir), resume), make_executor)
     else:
         executor = make_executor()
-    bar = _Progress(cfg.rounds, run_key, progress)
+    bar = Progress(cfg.rounds, run_key, progress)
     results.publish(run_key, "start", time.time())
     grid = FleetGrid(capp, slots, seed=cfg.seed, run_config=run_config, executor=executor,
                      availability=_availability(cfg), on_progress=bar)
