@@ -94,15 +94,18 @@ class TraceAvailability(Availability):
         return any(a <= lt < b for a, b in self._iv.get(device, ()))
 
     def online_until(self, device: int, t: float) -> float:
+        ivs = self._iv.get(device, ())
+        if self.period_s and any(a <= 0.0 and b >= self.period_s for a, b in ivs):
+            return float("inf")  # online the whole period, every period
         base, lt = self._local(t)
-        for a, b in self._iv.get(device, ()):
+        for a, b in ivs:
             if a <= lt < b:
-                if self.period_s and b >= self.period_s:
-                    # The interval runs into the next period's first interval, if any.
-                    nxt = self._iv[device][0]
-                    if nxt[0] == 0.0:
-                        return self.online_until(device, base + self.period_s)
-                return base + b
+                end = base + b
+                # An interval that runs to the period's end continues into the next
+                # period's interval starting at 0, if there is one.
+                if self.period_s and b >= self.period_s and ivs[0][0] == 0.0:
+                    end = base + self.period_s + ivs[0][1]
+                return end
         return t
 
     def next_change(self, t: float) -> float | None:

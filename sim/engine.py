@@ -265,21 +265,20 @@ class FleetGrid(Grid):
         """The nodes online at the current emulated instant.
 
         Flower's node sampling polls this (sleeping a wall second between polls) until
-        enough nodes are online. A poll that finds no more nodes than the previous one at
-        the same instant advances the clock to the next availability event instead, so
-        the wait costs emulated time, never a hang.
+        enough nodes are online; a strategy's round start polls it twice (once to size
+        the sample, once in ``sample_nodes``). A third poll at the same instant with
+        nothing sent in between means the caller is waiting: the clock advances to the
+        next availability event instead, so the wait costs emulated time, never a hang.
         """
-        now = self.clock.now
-        online = [n for n, s in self.slots.items()
-                  if self.availability.online(s.partition_id, now)]
-        if self._idle_polls and len(online) <= self._idle_polls - 1:
-            nxt = self.availability.next_change(now)
+        self._idle_polls += 1
+        if self._idle_polls >= 3:
+            nxt = self.availability.next_change(self.clock.now)
             if nxt is not None:
                 self.clock.advance_to(nxt)
-                online = [n for n, s in self.slots.items()
-                          if self.availability.online(s.partition_id, self.clock.now)]
-        self._idle_polls = len(online) + 1
-        return online
+                self._idle_polls = 1
+        now = self.clock.now
+        return [n for n, s in self.slots.items()
+                if self.availability.online(s.partition_id, now)]
 
     def get_nodes(self) -> Iterable[NodeInfo]:
         return [NodeInfo(node_id=n) for n in self.get_node_ids()]
