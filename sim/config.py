@@ -46,7 +46,7 @@ __all__ = [
 _STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedbuff")
 _TOP_LEVEL = {"seed", "rounds", "fleet", "data", "model", "train", "strategy", "engine",
               "availability", "name", "description", "compression", "faults", "tinyfleet",
-              "continual", "perception"}
+              "continual", "perception", "split"}
 _SCALARS = {"seed", "rounds", "name", "description"}
 
 
@@ -83,6 +83,12 @@ class StrategySpec:
             raise ConfigError(f"deadline_s: expected a number >= 0, got {self.deadline_s}")
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s: expected a number > 0, got {self.timeout_s}")
+        if self.name == "fedbuff" and (self.deadline_s > 0 or self.overcommit > 1.0):
+            raise ConfigError(
+                "deadline_s / overcommit: not used by 'fedbuff' (asynchronous: there is no "
+                "round to miss); set them to 0 / 1, or bound staleness with "
+                "args = { max_staleness = ... }"
+            )
         if not self.overcommit >= 1:
             raise ConfigError(f"overcommit: expected a number >= 1, got {self.overcommit}")
 

@@ -50,6 +50,7 @@ def test_shipped_configs_load(name: str) -> None:
         ({"strategy__min_available": 50}, "strategy"),
         ({"engine__backend": "mpi"}, "engine.backend"),
         ({"unknown_table": {}}, "unknown top-level"),
+        ({"strategy__name": "fedbuff", "strategy__deadline_s": 5.0}, "not used by 'fedbuff'"),
     ],
 )
 def test_bad_fields_are_named(over: dict, field: str) -> None:
