@@ -174,6 +174,9 @@ def run_experiment(
         # Continual learning on data streams has its own pair of apps.
         from clients.continual_app import app as default_client_app
         from sim.continual_server import app as default_server_app
+    if "perception" in cfg.doc:  # perception on video streams with PASS (issue 6 A3)
+        from clients.perception_app import app as default_client_app
+        from sim.perception_server import app as default_server_app
     capp = client_app or default_client_app
     faults = cfg.faults
     if faults.kill_actor_round:
