@@ -9,16 +9,20 @@ global net, every frame computed whole, on a held-out test stream), ``device_acc
 devices' mean accuracy with PASS on their own streams), ``mac_ratio`` (mean executed /
 full MACs), ``keeps_up`` (share of devices keeping up with the frame rate),
 ``frame_time_s`` (mean emulated time per frame) and ``trained`` (devices that trained).
+Per device and round (``perception_devices.csv`` in the run's output folder): its profile,
+frame time, deadline, ``keeps_up``, MAC ratio, stream accuracy and whether it trained.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -26,15 +30,21 @@ from clients.pass_skip import PerceptionNet
 from clients.perception_app import _STREAMS, GATE_PREFIX, build_global_state, perception_of
 from clients.video import generate_stream
 from devices.errors import ConfigError
+from devices.fleet import assign_profiles
 from sim import results
 from sim.server_app import config_from_run_config, make_strategy
 
-__all__ = ["app", "mean_metrics"]
+__all__ = ["DEVICE_COLUMNS", "app", "mean_metrics"]
 
 app = ServerApp()
 
 _SUMMARY = {"stream-acc": "device_acc", "mac-ratio": "mac_ratio", "keeps-up": "keeps_up",
             "frame-time-s": "frame_time_s", "trained": "trained"}
+
+DEVICE_COLUMNS = ("round", "partition_id", "profile", "trained", "frame_time_s", "deadline_s",
+                  "keeps_up", "mac_ratio", "executed_macs", "full_macs", "infer_s",
+                  "stream_acc", "compute_s", "energy_j")
+"""Columns of ``perception_devices.csv``."""
 
 
 def mean_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
@@ -73,9 +83,23 @@ def main(grid: Grid, context: Context) -> None:
     y_test = torch.from_numpy(test.labels[keep])
     net = PerceptionNet(1, 10, spec.width)
     latest: dict[str, float] = {}
+    device_rows: list[dict[str, Any]] = []
+    profiles = assign_profiles(cfg.client.fleet.mix, cfg.client.fleet.size, cfg.seed)
     aggregate_train = strategy.aggregate_train
 
-    def remember(server_round: int, replies: Any) -> Any:
+    def remember(server_round: int, replies: Iterable[Message]) -> Any:
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                continue
+            m = reply.content.metric_records.get("metrics")
+            if m is None:
+                continue
+            row: dict[str, Any] = {k.replace("-", "_"): v for k, v in m.items()}
+            pid = int(row.get("partition_id", -1))  # type: ignore[arg-type]
+            row.update({"round": server_round, "partition_id": pid,
+                        "profile": profiles[pid] if 0 <= pid < len(profiles) else ""})
+            device_rows.append(row)
         arrays, metrics = aggregate_train(server_round, replies)
         latest.clear()
         if metrics is not None:
@@ -110,3 +134,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=evaluate_fn,
     )
     results.publish(run_key, "final", result.arrays)
+    out = context.run_config.get("tinyfleet.out")
+    if out:
+        results.write_csv(Path(str(out)) / "perception_devices.csv", device_rows,
+                          DEVICE_COLUMNS)

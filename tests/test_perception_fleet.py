@@ -8,7 +8,9 @@ weights change over rounds. Plus the duty cycle's cost accounting on its own.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,8 +47,10 @@ def _doc(gate: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_pass_lowers_inference_time_in_the_fleet_and_gates_are_federated() -> None:
-    runs = {gate: run_experiment(from_doc(_doc(gate)), None) for gate in ("off", "learned")}
+def test_pass_lowers_inference_time_in_the_fleet_and_gates_are_federated(
+        tmp_path: Path) -> None:
+    runs = {gate: run_experiment(from_doc(_doc(gate)), tmp_path / gate)
+            for gate in ("off", "learned")}
     off, learned = (runs[g].rounds[1:] for g in ("off", "learned"))
     assert len(off) == len(learned) == 2
     profiles = assign_profiles({"rpi4": 0.5, "jetson-nano": 0.25, "stm32f746": 0.25}, 4, 3)
@@ -60,6 +64,18 @@ def test_pass_lowers_inference_time_in_the_fleet_and_gates_are_federated() -> No
         assert full["keeps_up"] == pytest.approx(fast)
         assert gated["keeps_up"] == pytest.approx(fast)
         assert full["trained"] == gated["trained"] == sum(p != "stm32f746" for p in profiles)
+    # Per device: each one's frame time falls with PASS; the MCU is the one that lags.
+    tables = {}
+    for gate in ("off", "learned"):
+        with (tmp_path / gate / "perception_devices.csv").open() as f:
+            tables[gate] = {(r["round"], r["partition_id"]): r for r in csv.DictReader(f)}
+    assert len(tables["off"]) == len(tables["learned"]) == 2 * len(profiles)
+    for key, full_row in tables["off"].items():
+        gated_row = tables["learned"][key]
+        assert float(gated_row["frame_time_s"]) < float(full_row["frame_time_s"])
+        up = "0" if gated_row["profile"] == "stm32f746" else "1"
+        assert gated_row["keeps_up"] == full_row["keeps_up"] == up
+        assert gated_row["profile"] == profiles[int(key[1])]
     # The gates travel in the federated arrays and change over the rounds.
     spec = PerceptionSpec(stream="static", gate="learned", **_SMALL)  # type: ignore[arg-type]
     initial = build_global_state(spec, 3)
