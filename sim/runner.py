@@ -177,6 +177,9 @@ def run_experiment(
     if "perception" in cfg.doc:  # perception on video streams with PASS (issue 6 A3)
         from clients.perception_app import app as default_client_app
         from sim.perception_server import app as default_server_app
+    if "split" in cfg.doc:  # split training with compressed features and gradients
+        from clients.split import app as default_client_app
+        from sim.split_server import app as default_server_app
     capp = client_app or default_client_app
     faults = cfg.faults
     if faults.kill_actor_round:
