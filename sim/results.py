@@ -303,12 +303,18 @@ def write_plots(out: Path, rounds: Sequence[Mapping[str, Any]],
         a1.bar(names, [classes[c]["mean_energy_j"] for c in names], color="tab:orange")
         a1.set_ylabel("energy per training (J)")
         a1.set_yscale("log")
+        energies = [classes[c]["mean_energy_j"] for c in names if classes[c]["mean_energy_j"] > 0]
+        if energies:
+            a1.set_ylim(bottom=min(energies) / 3)
         comp = [classes[c]["mean_compute_s"] for c in names]
         comm = [classes[c]["mean_comm_s"] for c in names]
         a2.bar(names, comp, label="compute")
         a2.bar(names, comm, bottom=comp, label="communication")
         a2.set_ylabel("time per training (s)")
         a2.set_yscale("log")
+        positive = [v for v in comp + comm if v > 0]
+        if positive:  # bars start at 0, which a log axis cannot show: set the floor
+            a2.set_ylim(bottom=min(positive) / 3)
         a2.legend()
         fig.suptitle("Energy and time by device class")
         fig.tight_layout()
