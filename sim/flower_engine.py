@@ -417,17 +417,5 @@ def _finish(
         "provenance": results.provenance(cfg.hash(), cfg.seed),
         "config": cfg.source,
     }
-    errors = sorted({d["error"] for d in devices if d["error"]})
-    if errors:
-        summary["errors"] = errors[:10]
-    out = None
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        results.write_csv(out / "rounds.csv", rounds, results.ROUND_COLUMNS)
-        results.write_csv(out / "devices.csv", devices, results.DEVICE_COLUMNS)
-        summary["plots"] = results.write_plots(out, rounds, devices)
-        if final is not None:
-            np.savez(out / "model.npz", **{k: v.numpy() for k, v in final.items()})
-        results.write_summary(out / "summary.json", summary)
+    out = results.write_run(out_dir, rounds, devices, summary, final)
     return RunResult(rounds, devices, summary, final, out, None)

@@ -46,6 +46,7 @@ __all__ = [
     "subscribe",
     "round_rows",
     "write_csv",
+    "write_run",
     "write_plots",
 ]
 
@@ -322,6 +323,36 @@ def write_plots(out: Path, rounds: Sequence[Mapping[str, Any]],
         plt.close(fig)
         written.append("device_classes.png")
     return written
+
+
+def write_run(
+    out_dir: str | Path | None,
+    rounds: Sequence[Mapping[str, Any]],
+    devices: Sequence[Mapping[str, Any]],
+    summary: dict[str, Any],
+    final: Any,
+) -> Path | None:
+    """Write a run's folder: the CSVs, plots, ``model.npz`` and ``summary.json``.
+
+    The summary's ``errors`` (the first distinct device errors) and ``plots`` are filled
+    in here, so every engine writes the same schema.
+    """
+    errors = sorted({str(d["error"]) for d in devices if d.get("error")})
+    if errors:
+        summary["errors"] = errors[:10]
+    if out_dir is None:
+        return None
+    import numpy as np
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "rounds.csv", rounds, round_columns(rounds))
+    write_csv(out / "devices.csv", devices, DEVICE_COLUMNS)
+    summary["plots"] = write_plots(out, rounds, devices)
+    if final is not None:
+        np.savez(out / "model.npz", **{k: v.numpy() for k, v in final.items()})
+    write_summary(out / "summary.json", summary)
+    return out
 
 
 def write_summary(path: Path, summary: Mapping[str, Any]) -> None:

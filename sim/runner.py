@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
@@ -290,19 +289,7 @@ def _finish(
         "provenance": results.provenance(cfg.hash(), cfg.seed),
         "config": cfg.source,
     }
-    errors = sorted({d["error"] for d in devices if d["error"]})
-    if errors:
-        summary["errors"] = errors[:10]
-    out = None
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        results.write_csv(out / "rounds.csv", rounds, results.round_columns(rounds))
-        results.write_csv(out / "devices.csv", devices, results.DEVICE_COLUMNS)
-        summary["plots"] = results.write_plots(out, rounds, devices)
-        if final is not None:
-            _save_model(out / "model.npz", final)
-        results.write_summary(out / "summary.json", summary)
+    out = results.write_run(out_dir, rounds, devices, summary, final)
     return RunResult(rounds, devices, summary, final, out, grid)
 
 
@@ -311,10 +298,6 @@ def _count(items: Any) -> dict[str, int]:
     for i in items:
         out[i] = out.get(i, 0) + 1
     return out
-
-
-def _save_model(path: Path, arrays: Any) -> None:
-    np.savez(path, **{k: v.numpy() for k, v in arrays.items()})
 
 
 def run_simulation(
