@@ -59,6 +59,7 @@ __all__ = [
     "build_client_model",
     "build_training_model",
     "device_of",
+    "evaluation_reply",
     "fleet_data",
     "train_on_device",
 ]
@@ -287,11 +288,24 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _measured_evaluate(msg, spec, pid, profile)
     data = fleet_data(spec)
     x, y = data.device_data(pid)
+    return evaluation_reply(msg, spec, profile, x, y)
+
+
+def evaluation_reply(
+    msg: Message, spec: ClientSpec, profile: DeviceProfile, x: np.ndarray, y: np.ndarray
+) -> Message:
+    """Evaluate the received model on ``(x, y)``; reply with its metrics and device cost.
+
+    Shared by every evaluate handler of the project's apps: the emulated inference time
+    is the cost model's per-sample time on ``profile`` (counted under a forked RNG, so a
+    process's cache state never changes what a later task draws).
+    """
     model = build_training_model(spec)
     model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict(),
                           strict=False)
-    loss, acc = evaluate_model(model, x, y)
-    cost = inference_cost(model, data.input_shape, batch_size=1)
+    loss, acc = evaluate_model(model, x, y) if len(x) else (0.0, 0.0)
+    with torch.random.fork_rng(devices=[]):
+        cost = inference_cost(model, fleet_data(spec).input_shape, batch_size=1)
     compute = step_time_s(cost, profile) * len(x)
     metrics = MetricRecord(
         {

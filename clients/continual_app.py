@@ -57,7 +57,14 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.client_app import _plan, _spec, build_training_model, device_of, fleet_data
+from clients.client_app import (
+    _plan,
+    _spec,
+    build_training_model,
+    device_of,
+    evaluation_reply,
+    fleet_data,
+)
 from clients.continual import (
     ContinualMethod,
     StreamSchedule,
@@ -68,7 +75,7 @@ from clients.continual import (
     train_local,
 )
 from clients.spec import ClientSpec, expand_run_config, unflatten
-from clients.training import evaluate_model, freeze_except
+from clients.training import freeze_except
 from devices.cost import estimate_training, inference_cost, step_time_s
 from devices.errors import BudgetError, ConfigError, PayloadError
 from devices.profiles import DeviceProfile
@@ -320,19 +327,4 @@ def evaluate(msg: Message, context: Context) -> Message:
              for t in schedule.seen_tasks(rnd, pid)]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
-    model = build_training_model(spec)
-    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict(),
-                          strict=False)
-    loss, acc = evaluate_model(model, x, y) if len(x) else (0.0, 0.0)
-    with torch.random.fork_rng(devices=[]):
-        cost = inference_cost(model, data.input_shape, batch_size=1)
-    compute = step_time_s(cost, profile) * len(x)
-    metrics = MetricRecord({
-        "num-examples": len(x),
-        "eval-loss": loss,
-        "eval-acc": acc,
-        "compute-s": compute,
-        "energy-j": compute * profile.power_compute_w,
-        "measured": 0,
-    })
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return evaluation_reply(msg, spec, profile, x, y)

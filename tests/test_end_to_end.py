@@ -118,3 +118,10 @@ def test_availability_trace_does_not_stall_rounds_with_enough_devices() -> None:
                                    "rounds": 2, "strategy.deadline_s": 1e6}))
     assert res.summary["emulated_time_s"] < 600
     assert res.summary["dropouts"] == 0
+
+
+def test_federated_evaluation_reports_device_cost() -> None:
+    res = run_experiment(_small(**{"rounds": 1, "strategy.fraction_evaluate": 0.5,
+                                   "strategy.deadline_s": 1e6}))
+    ev = [d for d in res.devices if d["message_type"] == "evaluate"]
+    assert ev and all(d["status"] == "ok" and float(d["compute_s"]) > 0 for d in ev)
