@@ -101,7 +101,7 @@ class _Full:
         self.net = copy.deepcopy(net).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def __call__(self, frame: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.inference_mode():  # as PassModel runs, so neither pays autograd's tracking
             return self.net(frame[None].contiguous(memory_format=torch.channels_last))
 
     def reset(self) -> None:

@@ -349,3 +349,24 @@ def test_frame_size_must_fit_the_patch_grid() -> None:
         pm(torch.rand(1, 36, 36))
     with pytest.raises(DataError, match="one frame"):
         pm(torch.rand(2, 1, 32, 32))
+
+
+def test_cell_major_gate_path_matches_the_grid_path() -> None:
+    from clients.pass_skip import LearnedGate, ThresholdGate
+    from clients.pass_skip.gates import neighbour_max_rows, neighbour_table
+
+    g = torch.Generator().manual_seed(5)
+    grid = torch.rand(1, 4, 5, 7, generator=g)
+    rows = grid.reshape(4, -1).t().contiguous()
+    for r in (1, 2):
+        want = neighbour_max(grid, r).reshape(4, -1).t()
+        assert torch.equal(neighbour_max_rows(rows, neighbour_table((5, 7), r)), want)
+    x, prev = torch.rand(1, 3, 20, 28, generator=g), torch.rand(1, 3, 20, 28, generator=g)
+    learned = LearnedGate(3, 4, hidden=6, prior_tau=0.3, prior_scale=5.0, reach=1)
+    for gate in (learned, ThresholdGate(4, 0.3, reach=1)):
+        for p in gate.parameters():
+            nn.init.normal_(p, generator=g)
+        with torch.no_grad():
+            want = gate(x, prev).reshape(-1)
+            got = gate.decide_table(gate.table(x, prev), (5, 7))
+        assert torch.allclose(got, want, atol=1e-5)

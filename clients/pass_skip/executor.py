@@ -29,7 +29,6 @@ from torch import nn
 from clients.pass_skip.gates import PatchGate
 from clients.pass_skip.geometry import BlockPlan, conv_macs, layer_spec, plan_block
 from clients.pass_skip.patches import (
-    chosen_cells,
     gather_cells,
     mask_table,
     put_cells,
@@ -230,7 +229,7 @@ class PatchBlock(nn.Module):
                 "use 'same'-style padding"
             )
         self._out.copy_(out)
-        self._static = self.gate.static_features(x).contiguous()
+        self._static = self.gate.static_table(x)
         if self._prev is not None:
             self._prev.copy_(x)
         self._ready = True
@@ -263,19 +262,22 @@ class PatchBlock(nn.Module):
         if change is None:
             if self._prev is None:
                 raise ConfigError("pass: block without a change record needs track_prev=True")
-            features = gate.cell_features(self._x, self._prev).contiguous()
-            self._static = gate.static_features(self._x).contiguous()
+            features = gate.table(self._x, self._prev)
+            self._static = gate.static_table(self._x)
             self._prev.copy_(self._x)
             featured = gh * gw
         else:
-            features = self._static.clone(memory_format=torch.contiguous_format)
+            # Feature rows (one per cell): cached for the cells whose input did not
+            # change, computed from the old and new patches for the others.
+            features = self._static
             featured = int(change.cells.numel())
             if featured:
-                dyn = gate.cell_features(change.new, change.old)
-                still = gate.static_features(change.new)
-                features.view(-1, gh * gw)[:, change.cells] = dyn.reshape(featured, -1).t()
-                self._static.view(-1, gh * gw)[:, change.cells] = still.reshape(featured, -1).t()
-        cells = chosen_cells(gate.decide(features) > 0)
+                dyn = gate.patch_table(change.new, change.old)
+                features = features.index_copy(0, change.cells, dyn)
+                still = gate.still_rows(change.new, dyn)
+                if still is not None:
+                    self._static.index_copy_(0, change.cells, still)
+        cells = (gate.decide_table(features, self._grid) > 0).nonzero().squeeze(1)
         n = int(cells.numel())
         gate_macs = int(gate.macs(self._shape[0] if self._shape else 0, featured, gh * gw))
         self.gate_macs += gate_macs

@@ -5,6 +5,10 @@ Both look at a block's input on the current frame ``x`` and on the previous fram
 same executor and the same soft training path serve both. Each splits into
 ``cell_features`` (pooled per patch from that patch alone, so the executor can compute it
 only on the patches whose input changed) and ``decide`` (on the whole, small, patch grid).
+Frame-by-frame inference uses cell-major twins of both (``patch_table``, ``static_table``,
+``still_rows``, ``decide_table``: one row of features per cell, neighbourhoods through a
+cached index table), the same arithmetic in a few kernels instead of dozens of tiny ones:
+at 144 cells per block the gates' Python and dispatch, not their MACs, were their cost.
 
 - ``ThresholdGate``: logit = mean |x - prev| over the patch (and channels) - tau. No
   parameters; the baseline.
@@ -30,6 +34,8 @@ __all__ = [
     "LearnedGate",
     "gumbel_gate",
     "neighbour_max",
+    "neighbour_table",
+    "neighbour_max_rows",
     "patch_mean_abs_diff",
 ]
 
@@ -56,6 +62,33 @@ def neighbour_max(x: torch.Tensor, reach: int) -> torch.Tensor:
     for k in range(1, 2 * reach + 1):
         out = torch.maximum(out, rows[..., k : k + gw])
     return out
+
+
+def neighbour_table(grid: tuple[int, int], reach: int) -> torch.Tensor:
+    """Flat indices (cells, (2*reach+1)^2) of each cell's neighbourhood on a (gh, gw) grid.
+
+    A neighbour outside the grid is given the index ``gh * gw``: the zero row that
+    ``neighbour_max_rows`` appends, as ``neighbour_max`` pads with zeros.
+    """
+    gh, gw = grid
+    offsets = torch.arange(-reach, reach + 1)
+    r = torch.arange(gh)[:, None] + offsets[None, :]  # (gh, m)
+    c = torch.arange(gw)[:, None] + offsets[None, :]  # (gw, m)
+    inside = ((r >= 0) & (r < gh))[:, None, :, None] & ((c >= 0) & (c < gw))[None, :, None, :]
+    idx = r[:, None, :, None] * gw + c[None, :, None, :]  # (gh, gw, m, m)
+    idx = torch.where(inside, idx, torch.full_like(idx, gh * gw))
+    return idx.reshape(gh * gw, -1)
+
+
+def neighbour_max_rows(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``neighbour_max`` on cell-major rows (cells, K) of non-negative values.
+
+    ``table`` is the grid's ``neighbour_table``; equal to ``neighbour_max`` (a maximum
+    over the same values, zeros outside the grid) in three kernels.
+    """
+    cells, k = rows.shape
+    padded = torch.cat([rows, rows.new_zeros((1, k))])
+    return padded.index_select(0, table.view(-1)).view(cells, -1, k).amax(1)
 
 
 def gumbel_gate(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -94,6 +127,41 @@ class PatchGate(nn.Module):
     def forward(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """Logits (N, 1, gh, gw) from whole maps (the training path)."""
         return self.decide(self.cell_features(x, prev))
+
+    # -- cell-major inference path (one frame; rows are cells in row-major order) --------
+    def table(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Features (cells, F) of whole maps x and prev (1, C, H, W)."""
+        f = self.cell_features(x, prev)
+        return f.reshape(f.shape[1], -1).t().contiguous()
+
+    def static_table(self, x: torch.Tensor) -> torch.Tensor:
+        """Features (cells, F) of a whole map (1, C, H, W) that did not change."""
+        f = self.static_features(x)
+        return f.reshape(f.shape[1], -1).t().contiguous()
+
+    def patch_table(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """Features (n, F) of gathered patches (n, C, patch, patch), new against old."""
+        return self.cell_features(new, old).flatten(1)
+
+    def still_rows(self, new: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """Static features (n, F) of patches ``new`` whose ``patch_table`` rows are ``rows``
+        (what they are on the next frame if unchanged); None: always the same constant."""
+        return self.static_features(new).flatten(1)
+
+    def decide_table(self, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Logits (cells,) from the feature rows (cells, F) of a (gh, gw) grid."""
+        gh, gw = grid
+        return self.decide(table.t().reshape(1, -1, gh, gw)).reshape(-1)
+
+    def _neighbours(self, grid: tuple[int, int], reach: int) -> torch.Tensor:
+        """Cached ``neighbour_table`` (a plain dict attribute: not state to save)."""
+        cache: dict[tuple[int, int, int], torch.Tensor] = self.__dict__.setdefault(
+            "_neighbour_cache", {}
+        )
+        key = (grid[0], grid[1], reach)
+        if key not in cache:
+            cache[key] = neighbour_table(grid, reach)
+        return cache[key]
 
 
 class ThresholdGate(PatchGate):
@@ -135,6 +203,25 @@ class ThresholdGate(PatchGate):
     def decide(self, features: torch.Tensor) -> torch.Tensor:
         """Logits (N, 1, gh, gw): (largest) mean change within reach minus tau."""
         return neighbour_max(features, self.reach) - self.tau
+
+    def static_table(self, x: torch.Tensor) -> torch.Tensor:
+        """Zeros (cells, 1)."""
+        _, _, h, w = x.shape
+        return x.new_zeros(((h // self.patch) * (w // self.patch), 1))
+
+    def patch_table(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """Mean |new - old| (n, 1) per patch."""
+        return (new - old).abs_().mean((1, 2, 3)).unsqueeze(1)
+
+    def still_rows(self, new: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """None: an unchanged patch's feature is always zero."""
+        return None
+
+    def decide_table(self, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Logits (cells,): largest mean change within reach minus tau."""
+        if self.reach > 0:
+            table = neighbour_max_rows(table, self._neighbours(grid, self.reach))
+        return table.view(-1) - self.tau
 
     def macs(self, channels: int, featured: int, cells: int) -> int:
         """MAC-equivalents of one decision: one per input element of each featured patch."""
@@ -243,6 +330,43 @@ class LearnedGate(PatchGate):
         change = neighbour_max(change, self.reach)
         b = self.residual_bound
         return self.prior_scale * (change - self.prior_tau) + b * torch.tanh(learned / b)
+
+    def static_table(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows (cells, 3C): each patch's mean, and zero change."""
+        mean = F.avg_pool2d(x, self.patch)
+        rows = mean.reshape(mean.shape[1], -1).t()
+        return torch.cat([rows, rows.new_zeros((rows.shape[0], 2 * self.channels))], dim=1)
+
+    def patch_table(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """Rows (n, 3C): means of new, |new - old| and (new - old)^2 per patch."""
+        d = new - old
+        return torch.cat([new, d.abs(), d * d], dim=1).mean((2, 3))
+
+    def still_rows(self, new: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """The rows with their change columns zeroed (the mean columns are the same)."""
+        keep = self.__dict__.get("_keep_mean")
+        if keep is None or keep.shape[0] != rows.shape[1]:
+            keep = torch.zeros(rows.shape[1])
+            keep[: self.channels] = 1.0
+            self.__dict__["_keep_mean"] = keep
+        return rows * keep
+
+    def decide_table(self, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Logits (cells,): ``decide``'s arithmetic on rows (matmuls without transposes,
+        neighbourhood maxima through one gather)."""
+        h = torch.addmm(self.point.bias, table, self.point.weight.t()).relu_()
+        near = neighbour_max_rows(h, self._neighbours(grid, 1))
+        learned = torch.addmm(self.out.bias, torch.cat([h, near], dim=1), self.out.weight.t())
+        learned = learned.view(-1)
+        if self.prior_tau is None:
+            return learned
+        c = self.channels
+        change = table[:, c : 2 * c].mean(1, keepdim=True)
+        if self.reach > 0:
+            change = neighbour_max_rows(change, self._neighbours(grid, self.reach))
+        b = self.residual_bound
+        prior = change.view(-1).sub_(self.prior_tau).mul_(self.prior_scale)
+        return prior.add_(learned.div_(b).tanh_().mul_(b))
 
     def macs(self, channels: int, featured: int, cells: int) -> int:
         """MAC-equivalents of one decision: pooling of each featured patch (twice: changed

@@ -165,7 +165,9 @@ class PassModel(nn.Module):
             self.keyframe_every > 0 and self._since_reset % self.keyframe_every == 0
         )
         blocks = self.patch_blocks
-        with torch.no_grad():
+        # inference_mode, not no_grad: no version counters or views tracked on the
+        # dozens of small tensors a gated frame makes (the caches are never trained on).
+        with torch.inference_mode():
             frame = frame.detach().to(torch.float32)
             if self._bound != tuple(frame.shape):
                 self._bind(frame)
