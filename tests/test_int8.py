@@ -247,6 +247,34 @@ def test_compile_failure_falls_back_to_eager_with_one_warning() -> None:
         assert torch.equal(f(x), x * 2)
 
 
+def test_tracing_a_step_does_not_disable_compilation() -> None:
+    # The cost model traces a step under a dispatch mode, where dynamo cannot run; that
+    # trace must not switch the process's quantize functions to eager for training.
+    import warnings
+
+    from clients.int8._compile import _failed, compile_log, fused, resolve_compile
+    from devices.cost import training_step_cost
+
+    if not resolve_compile("auto"):
+        pytest.skip("torch.compile unavailable here")
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    f = fused("test_trace_then_train", double, True)
+    model = nn.Sequential(nn.Linear(4, 3))
+    model[0].register_forward_hook(lambda _m, _i, out: f(out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        training_step_cost(model, (4,), 2)
+    assert "test_trace_then_train" not in _failed
+    x = torch.ones(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert torch.equal(f(x), x * 2)
+    assert "test_trace_then_train" not in _failed
+    assert "test_trace_then_train" in [name for name, _ in compile_log]  # it compiled
+
+
 def test_eval_mode_is_deterministic() -> None:
     torch.manual_seed(0)
     model = prepare(SmallCNN(), compile=False)

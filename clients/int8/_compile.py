@@ -80,6 +80,13 @@ def _fresh_copy(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     return new
 
 
+def _under_dispatch_mode() -> bool:
+    """Whether a Python dispatch mode (e.g. a tracer) is active, where dynamo cannot run."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
+
+
 def fused(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
     """``fn`` compiled with ``torch.compile(dynamic=True)``, or ``fn`` itself.
 
@@ -107,7 +114,10 @@ def fused(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any
                 return _call(*args, **kwargs)
 
         def _call(*args: Any, **kwargs: Any) -> Any:
-            if name in _failed:
+            if name in _failed or _under_dispatch_mode():
+                # Under a tracing dispatch mode (the cost model's step tracer) dynamo
+                # cannot run; that call goes eager without disabling compilation for the
+                # training that follows in the same process.
                 return fn(*args, **kwargs)
             try:
                 if state["first"]:
