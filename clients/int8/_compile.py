@@ -80,13 +80,6 @@ def _fresh_copy(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     return new
 
 
-def _under_dispatch_mode() -> bool:
-    """Whether a Python dispatch mode (e.g. a tracer) is active, where dynamo cannot run."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode() is not None
-
-
 def fused(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
     """``fn`` compiled with ``torch.compile(dynamic=True)``, or ``fn`` itself.
 
@@ -101,6 +94,7 @@ def fused(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any
     key = (name, fn)
     if key not in _compiled:
         import torch
+        from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
 
         compiled = torch.compile(_fresh_copy(fn, name), dynamic=True, fullgraph=True)
         state = {"first": True}
@@ -114,7 +108,7 @@ def fused(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any
                 return _call(*args, **kwargs)
 
         def _call(*args: Any, **kwargs: Any) -> Any:
-            if name in _failed or _under_dispatch_mode():
+            if name in _failed or _dispatch_mode() is not None:
                 # Under a tracing dispatch mode (the cost model's step tracer) dynamo
                 # cannot run; that call goes eager without disabling compilation for the
                 # training that follows in the same process.
