@@ -344,12 +344,8 @@ class LearnedGate(PatchGate):
 
     def still_rows(self, new: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         """The rows with their change columns zeroed (the mean columns are the same)."""
-        keep = self.__dict__.get("_keep_mean")
-        if keep is None or keep.shape[0] != rows.shape[1]:
-            keep = torch.zeros(rows.shape[1])
-            keep[: self.channels] = 1.0
-            self.__dict__["_keep_mean"] = keep
-        return rows * keep
+        zeros = rows.new_zeros((rows.shape[0], 2 * self.channels))
+        return torch.cat([rows[:, : self.channels], zeros], dim=1)
 
     def decide_table(self, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Logits (cells,): ``decide``'s arithmetic on rows (matmuls without transposes,
