@@ -304,18 +304,14 @@ def write_plots(out: Path, rounds: Sequence[Mapping[str, Any]],
         a1.bar(names, [classes[c]["mean_energy_j"] for c in names], color="tab:orange")
         a1.set_ylabel("energy per training (J)")
         a1.set_yscale("log")
-        energies = [classes[c]["mean_energy_j"] for c in names if classes[c]["mean_energy_j"] > 0]
-        if energies:
-            a1.set_ylim(bottom=min(energies) / 3)
+        _log_floor(a1, [classes[c]["mean_energy_j"] for c in names])
         comp = [classes[c]["mean_compute_s"] for c in names]
         comm = [classes[c]["mean_comm_s"] for c in names]
         a2.bar(names, comp, label="compute")
         a2.bar(names, comm, bottom=comp, label="communication")
         a2.set_ylabel("time per training (s)")
         a2.set_yscale("log")
-        positive = [v for v in comp + comm if v > 0]
-        if positive:  # bars start at 0, which a log axis cannot show: set the floor
-            a2.set_ylim(bottom=min(positive) / 3)
+        _log_floor(a2, comp + comm)
         a2.legend()
         fig.suptitle("Energy and time by device class")
         fig.tight_layout()
@@ -323,6 +319,14 @@ def write_plots(out: Path, rounds: Sequence[Mapping[str, Any]],
         plt.close(fig)
         written.append("device_classes.png")
     return written
+
+
+def _log_floor(ax: Any, values: Sequence[float]) -> None:
+    """Bars start at 0, which a log axis cannot show: put its floor below the smallest
+    positive bar so that none is hidden."""
+    positive = [v for v in values if v > 0]
+    if positive:
+        ax.set_ylim(bottom=min(positive) / 3)
 
 
 def write_run(
