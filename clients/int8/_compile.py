@@ -80,6 +80,36 @@ def _fresh_copy(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     return new
 
 
+def _as_one_kernel(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """Run ``fn`` out of sight of the active dispatch mode and show it copies of the
+    outputs only.
+
+    A fused quantize kernel reads its inputs and writes its outputs; the eager version's
+    per-op temporaries (the int64 hash-noise arrays above all) never exist on a device.
+    The cost model's step tracer is a dispatch mode: this way it counts one call as its
+    outputs, which is what a device running the fused kernel holds.
+    """
+    import torch
+    from torch.utils._python_dispatch import _disable_current_modes
+    from torch.utils._pytree import tree_map
+
+    with _disable_current_modes():
+        out = fn(*args, **kwargs)
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+
+
+def _opaque_to_tracers(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as is, except under a dispatch mode, where it runs as one kernel."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if _dispatch_mode() is not None:
+            return _as_one_kernel(fn, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return run
+
+
 def fused(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
     """``fn`` compiled with ``torch.compile(dynamic=True)``, or ``fn`` itself.
 
@@ -90,7 +120,7 @@ def fused(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any
     warning.
     """
     if not enabled or name in _failed:
-        return fn
+        return _opaque_to_tracers(fn)
     key = (name, fn)
     if key not in _compiled:
         import torch
@@ -108,10 +138,12 @@ def fused(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any
                 return _call(*args, **kwargs)
 
         def _call(*args: Any, **kwargs: Any) -> Any:
-            if name in _failed or _dispatch_mode() is not None:
+            if _dispatch_mode() is not None:
                 # Under a tracing dispatch mode (the cost model's step tracer) dynamo
-                # cannot run; that call goes eager without disabling compilation for the
-                # training that follows in the same process.
+                # cannot run; that call goes eager, as one fused kernel would look,
+                # without disabling compilation for the training that follows.
+                return _as_one_kernel(fn, args, kwargs)
+            if name in _failed:
                 return fn(*args, **kwargs)
             try:
                 if state["first"]:
