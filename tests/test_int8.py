@@ -305,8 +305,10 @@ def test_a_tracer_sees_a_quantize_call_as_one_kernel(enabled: bool) -> None:
     with Record() as rec:
         q, s = f(x)
     assert torch.equal(q, noisy(x)[0]) and torch.equal(s, noisy(x)[1])
-    # (the compiled path detaches its inputs first: a view, no new storage)
-    assert [op for op, _ in rec.ops if op != "aten.detach.default"] == ["aten.clone.default"] * 2
+    # it reads its input (an alias: a view, no new storage; the compiled path detaches
+    # it first, another view) and writes its two outputs, nothing else
+    ops = [op for op, _ in rec.ops if op != "aten.detach.default"]
+    assert ops == ["aten.alias.default"] + ["aten.empty_strided.default"] * 2
     assert all(torch.int64 not in dtypes for _, dtypes in rec.ops)
 
 
@@ -320,9 +322,13 @@ def test_int8_step_memory_counts_no_eager_temporaries() -> None:
     auto = training_step_cost(prepare(m), (1, 8, 8), 4, dtype="int8")
     fp32 = training_step_cost(m, (1, 8, 8), 4)
     assert eager.peak_bytes == auto.peak_bytes
-    # the working set at one op stays within a few times FP32's (the int64 noise of an
-    # eager quantize call alone was 8x its int8 output, 459 KB against FP32's 32 KB)
-    assert eager.transient_bytes < 3 * fp32.transient_bytes
+    # The working set at one op is no larger than FP32's: the int64 noise of an eager
+    # quantize call (459 KB against FP32's 32 KB) and the int32 accumulator of the
+    # classifier's dW (64 KB; a device's kernel rescales it tile by tile) are not counted.
+    assert eager.transient_bytes <= fp32.transient_bytes
+    # and the whole step within 2% of FP32's (LAC's parameters and int8 saved codes beside
+    # the FP32 tensors that GroupNorm and ReLU save), so INT8 fits wherever FP32 does
+    assert auto.peak_bytes <= 1.02 * fp32.peak_bytes
 
 
 def test_eval_mode_is_deterministic() -> None:

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["resolve_compile", "fused", "compile_log"]
+__all__ = ["resolve_compile", "fused", "compile_log", "one_kernel"]
 
 os.environ.setdefault(
     "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tinyfleet-inductor")
@@ -91,11 +91,37 @@ def _as_one_kernel(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     """
     import torch
     from torch.utils._python_dispatch import _disable_current_modes
-    from torch.utils._pytree import tree_map
+    from torch.utils._pytree import tree_leaves, tree_map
 
     with _disable_current_modes():
         out = fn(*args, **kwargs)
-    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+    # Show the tracer the reads (an alias of each input: same storage, no bytes) and the
+    # writes (fresh outputs, filled out of its sight); the host's intermediates stay unseen.
+    for t in tree_leaves((args, kwargs)):
+        if isinstance(t, torch.Tensor):
+            torch.ops.aten.alias.default(t)
+
+    def shown(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        with _disable_current_modes():
+            new.copy_(t)
+        return new
+
+    return tree_map(shown, out)
+
+
+def one_kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as is, except under a dispatch mode, where it runs as one kernel: the
+    tracer sees its outputs only.
+
+    For the int8 GEMM and convolution kernels with their FP32 rescale: a device's kernel
+    (CMSIS-NN, TinyEngine, oneDNN) rescales each int32 accumulator tile in its epilogue and
+    never holds the whole int32 result (nor a whole im2col buffer) that the host's
+    composition of ``_int_mm``, casts and multiplies does.
+    """
+    return _opaque_to_tracers(fn)
 
 
 def _opaque_to_tracers(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from clients.int8 import _kernels as K
-from clients.int8._compile import fused
+from clients.int8 import _kernels
+from clients.int8._compile import fused, one_kernel
 from clients.int8.quant import (
     new_seed,
     quantize_backward,
@@ -45,6 +45,23 @@ class Int8Config:
     prc_z: float = 2.5
     compile: bool = True
     use_onednn: bool = True
+
+
+class _DeviceKernels:
+    """The int8 kernels of :mod:`clients.int8._kernels`, each of which a tracer (the cost
+    model) sees as one device kernel: int8 operands in, the rescaled FP32 result out."""
+
+    SAFE_K = _kernels.SAFE_K
+    int_mm_scaled = staticmethod(one_kernel(_kernels.int_mm_scaled))
+    qconv2d = staticmethod(one_kernel(_kernels.qconv2d))
+    im2col_conv2d = staticmethod(one_kernel(_kernels.im2col_conv2d))
+    qconv2d_input_grad = staticmethod(one_kernel(_kernels.qconv2d_input_grad))
+    im2col_conv2d_input_grad = staticmethod(one_kernel(_kernels.im2col_conv2d_input_grad))
+    qconv2d_weight_grad = staticmethod(one_kernel(_kernels.qconv2d_weight_grad))
+    im2col_conv2d_weight_grad = staticmethod(one_kernel(_kernels.im2col_conv2d_weight_grad))
+
+
+K = _DeviceKernels
 
 
 # --- the fused elementwise functions (each compiled once, shared by all layers) --------
