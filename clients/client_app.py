@@ -39,7 +39,7 @@ from clients.codecs import compression_mod
 from clients.data import FleetData
 from clients.measure import Meter, measure_enabled, process_age_s
 from clients.models import build_model
-from clients.spec import ClientSpec
+from clients.spec import ClientSpec, TrainSpec
 from clients.training import evaluate_model, freeze_except, make_optimizer, train_model
 from devices.cost import (
     StepCost,
@@ -115,14 +115,27 @@ def build_training_model(spec: ClientSpec) -> nn.Module:
     """The model as devices train it (INT8-prepared when configured): the server builds
     its initial global model with this too, so both sides hold the same state-dict keys."""
     model = build_client_model(spec, fleet_data(spec))
-    return _prepare_precision(model, spec.train.precision)
+    return _prepare_precision(model, spec.train.precision, spec.train)
 
 
-def _prepare_precision(model: nn.Module, precision: str) -> nn.Module:
+def int8_options(train: TrainSpec) -> dict[str, Any]:
+    """``clients.int8.prepare`` options of a ``[train]`` table (``int8_*`` fields)."""
+    return {
+        "prc": train.int8_prc,
+        "lac": train.int8_lac,
+        "stochastic": train.int8_rounding == "stochastic",
+        "weights": "int8" if train.int8_weights else "fp32",
+        "qas": train.int8_qas and train.int8_weights,
+    }
+
+
+def _prepare_precision(
+    model: nn.Module, precision: str, train: TrainSpec | None = None
+) -> nn.Module:
     if precision == "int8":
         from clients import int8
 
-        return int8.prepare(model)
+        return int8.prepare(model, **(int8_options(train) if train is not None else {}))
     return model
 
 
@@ -136,7 +149,7 @@ def _plan(
     profile, and counting a step is several times slower than running one.
     """
     data = fleet_data(spec)
-    model = _prepare_precision(build_client_model(spec, data), spec.train.precision)
+    model = _prepare_precision(build_client_model(spec, data), spec.train.precision, spec.train)
     kw = {
         "optimizer": spec.train.optimizer,
         "momentum": spec.train.momentum,

@@ -169,6 +169,7 @@ class ModelSpec:
 
 _PRECISIONS = ("fp32", "int8")
 _ON_BUDGET = ("fail", "sparse")
+_ROUNDINGS = ("stochastic", "nearest")
 _OPTIMIZERS = ("sgd", "adam")
 
 
@@ -194,6 +195,20 @@ class TrainSpec:
         layers that fit, as in on-device training under 256 KB).
     proximal_mu : float
         FedProx's proximal term (0 disables it).
+    int8_prc, int8_lac : bool
+        With ``precision = "int8"``: Octo's range clipping of backward tensors and its
+        loss-aware compensation (both on by default; off for ablations).
+    int8_rounding : str
+        With ``precision = "int8"``: ``"stochastic"`` (Octo's default) or ``"nearest"``
+        rounding of the forward operands.
+    int8_weights : bool
+        With ``precision = "int8"``: keep the weights on their int8 grid, with no FP32
+        master copy (``clients.int8.prepare(weights="int8")``); the cost model counts them
+        at one byte each.
+    int8_qas : bool
+        With ``int8_weights``: quantization-aware gradient scaling (on by default; off
+        for the ablation that shows why it is needed). Without ``int8_weights`` the
+        gradients already have FP32's scale and this field has no effect.
     """
 
     local_epochs: int = 1
@@ -205,6 +220,11 @@ class TrainSpec:
     precision: str = "fp32"
     on_budget: str = "fail"
     proximal_mu: float = 0.0
+    int8_prc: bool = True
+    int8_lac: bool = True
+    int8_rounding: str = "stochastic"
+    int8_weights: bool = False
+    int8_qas: bool = True
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:
@@ -215,6 +235,10 @@ class TrainSpec:
             raise ConfigError(f"lr: expected a number > 0, got {self.lr}")
         if self.precision not in _PRECISIONS:
             raise ConfigError(f"precision: expected one of {_PRECISIONS}, got {self.precision!r}")
+        if self.int8_rounding not in _ROUNDINGS:
+            raise ConfigError(
+                f"int8_rounding: expected one of {_ROUNDINGS}, got {self.int8_rounding!r}"
+            )
         if self.on_budget not in _ON_BUDGET:
             raise ConfigError(f"on_budget: expected one of {_ON_BUDGET}, got {self.on_budget!r}")
         if self.optimizer not in _OPTIMIZERS:

@@ -6,8 +6,12 @@ accounts it as a :class:`StepCost`; the other functions turn a ``StepCost`` and 
 
 Memory accounting of one training step (``StepCost.peak_bytes``), in bytes:
 
-- ``weight_bytes``: every parameter and buffer (BN running statistics included);
-- ``grad_bytes``: one gradient per trainable parameter (same dtype);
+- ``weight_bytes``: every parameter and buffer (BN running statistics included), at the
+  bytes per element a device stores: the tensor's own, or what its module declares in
+  ``tinyfleet_param_itemsize`` (``{"weight": 1}`` for int8-grid weights, see
+  ``clients.int8.prepare(weights="int8")``);
+- ``grad_bytes``: one gradient per trainable parameter (the tensor's dtype: FP32 for
+  int8-grid weights too, a conservative count);
 - ``optimizer_bytes``: optimizer state per trainable parameter: SGD 0, SGD with momentum
   1 buffer, Adam/AdamW 2 buffers;
 - ``activation_bytes``: the tensors autograd really saves for backward, deduplicated by
@@ -281,6 +285,18 @@ def _live_peak(trace: StepTrace, persistent: set[int]) -> tuple[int, str]:
     return peak, where
 
 
+def _stored_itemsize(module: nn.Module | None, full: str, p: nn.Parameter) -> int:
+    """Bytes per element a device stores for parameter ``full``: the tensor's own, unless
+    its module declares ``tinyfleet_param_itemsize`` (e.g. ``{"weight": 1}`` for int8-grid
+    weights that the host keeps in FP32)."""
+    declared = getattr(module, "tinyfleet_param_itemsize", None)
+    if isinstance(declared, dict):
+        size = declared.get(full.rsplit(".", 1)[-1])
+        if isinstance(size, int) and size > 0:
+            return size
+    return p.element_size()
+
+
 def _account(
     model: nn.Module,
     trace: StepTrace,
@@ -299,16 +315,17 @@ def _account(
     weight_bytes = grad_bytes = param_count = trainable_count = frozen_param_bytes = 0
     for layer, full, p in iter_leaf_params(model):
         nbytes = p.numel() * p.element_size()
+        stored = p.numel() * _stored_itemsize(modules.get(layer), full, p)
         own_params[layer] = own_params.get(layer, 0) + p.numel()
         train = full in trainable
         own_trainable[layer] = own_trainable.get(layer, False) or train
-        weight_bytes += nbytes
+        weight_bytes += stored
         param_count += p.numel()
         if train:
             grad_bytes += nbytes
             trainable_count += p.numel()
         else:
-            frozen_param_bytes += nbytes
+            frozen_param_bytes += stored
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     weight_bytes += buffer_bytes
 

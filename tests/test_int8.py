@@ -374,3 +374,109 @@ def test_lac_bias_and_penalty_gradients() -> None:
                 m.lac[0], m.lac[1], m.lac[2] = 3.0, 0.5, -1.0
     n = sum(m.out_features for m in model.modules() if isinstance(m, Int8Linear))
     assert float(lac_penalty(model, weight=2.0).detach()) == pytest.approx(2.0 * n * 1.25)
+
+
+# --- int8 weights (no FP32 master copy) and QAS --------------------------------------
+
+
+def _on_grid(w: torch.Tensor) -> bool:
+    s = w.detach().abs().amax() / 127
+    q = w.detach() / s
+    return bool(torch.allclose(q, q.round(), atol=1e-3)) and float(q.abs().max()) <= 127.001
+
+
+def test_int8_weights_stay_on_their_grid_after_updates() -> None:
+    torch.manual_seed(0)
+    model = prepare(MLP(in_features=64, hidden=32, depth=1), weights="int8", compile=False)
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert layers and all(_on_grid(m.weight) for m in layers)  # projected at prepare
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert not all(_on_grid(m.weight) for m in layers)  # the step left the grid...
+    state = model.state_dict()  # ...and what is read (sent to the server) is back on it
+    assert all(_on_grid(state[f"{n}.weight"]) for n, m in model.named_modules()
+               if isinstance(m, Int8Linear))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.state_dict()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # idempotent
+
+
+def test_qas_restores_the_fp32_gradient_scale() -> None:
+    # Without QAS an int8-weight device's step moves a weight by s_w**2 times FP32's;
+    # QAS scales it back. Same model, input and (nearest) rounding: the two weight
+    # gradients differ by exactly s_w**2, the bias gradients not at all.
+    torch.manual_seed(0)
+    base = MLP(in_features=64, hidden=32, depth=1)
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    grads = {}
+    for qas in (True, False):
+        torch.manual_seed(1)  # the same projection of the weights onto their grid
+        m = prepare(base, weights="int8", qas=qas, stochastic=False, lac=False, compile=False)
+        F.cross_entropy(m(x), y).backward()
+        grads[qas] = {n: p.grad.clone() for n, p in m.named_parameters()}
+        weights = {n: p.detach() for n, p in m.named_parameters()}
+    for n, g in grads[True].items():
+        if n.endswith("weight"):
+            s = weights[n].abs().amax() / 127
+            assert torch.allclose(grads[False][n], g * s * s, rtol=1e-5, atol=0)
+            assert float(s * s) < 1e-3  # the mismatch QAS fixes is large
+        else:
+            assert torch.equal(grads[False][n], g)
+
+
+def test_int8_weights_learn_with_qas_and_stall_without() -> None:
+    # Lin et al.'s finding, on digits: int8 weights trained with QAS learn as FP32 does;
+    # without QAS the weights barely move and accuracy stays near chance.
+    from sklearn.datasets import load_digits
+
+    xs, ys = load_digits(return_X_y=True)
+    x = torch.as_tensor(xs[:256] / 16.0, dtype=torch.float32)
+    y = torch.as_tensor(ys[:256], dtype=torch.long)
+    acc, moved = {}, {}
+    for name in ("fp32", "qas", "no qas"):
+        torch.manual_seed(0)
+        m: nn.Module = MLP(in_features=64, hidden=32, depth=1)
+        if name != "fp32":
+            m = prepare(m, weights="int8", qas=name == "qas", compile=False)
+        w0 = {n: p.detach().clone() for n, p in m.named_parameters() if n.endswith("weight")}
+        opt = torch.optim.SGD(m.parameters(), lr=0.2)
+        for i in range(60):
+            b = slice((i * 32) % 256, (i * 32) % 256 + 32)
+            opt.zero_grad()
+            F.cross_entropy(m(x[b]), y[b]).backward()
+            opt.step()
+        m.state_dict()  # project the last update
+        moved[name] = sum(float((p.detach() - w0[n]).norm())
+                          for n, p in m.named_parameters() if n in w0)
+        m.eval()
+        with torch.no_grad():
+            acc[name] = float((m(x).argmax(1) == y).float().mean())
+    assert acc["fp32"] > 0.85, acc
+    assert acc["qas"] >= acc["fp32"] - 0.05, acc
+    assert acc["no qas"] < 0.3, acc
+    assert moved["no qas"] < 0.1 * moved["qas"], moved
+
+
+def test_int8_weights_count_one_byte_each_in_the_cost_model() -> None:
+    from devices.cost import training_step_cost
+
+    base = SmallCNN(width=8)
+    fp32_master = training_step_cost(prepare(base), (1, 8, 8), 4, dtype="int8")
+    int8_w = training_step_cost(prepare(base, weights="int8"), (1, 8, 8), 4, dtype="int8")
+    n_w = sum(m.weight.numel() for m in prepare(base).modules()
+              if isinstance(m, Int8Linear | Int8Conv2d))
+    assert fp32_master.weight_bytes - int8_w.weight_bytes == 3 * n_w
+    assert int8_w.grad_bytes == fp32_master.grad_bytes  # gradients stay FP32
+    assert int8_w.peak_bytes == fp32_master.peak_bytes - 3 * n_w
+
+
+def test_weights_and_qas_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="int8.weights"):
+        prepare(SmallCNN(), weights="int4")
+    with pytest.raises(ConfigError, match="int8.qas"):
+        prepare(SmallCNN(), weights="fp32", qas=True)
+    assert prepare(SmallCNN(), weights="int8").features[0].cfg.qas  # on by default there

@@ -45,6 +45,8 @@ class Int8Config:
     prc_z: float = 2.5
     compile: bool = True
     use_onednn: bool = True
+    int8_weights: bool = False
+    qas: bool = False
 
 
 class _DeviceKernels:
@@ -206,6 +208,27 @@ def _bias_grads(
     return dbias, dlac
 
 
+def _needs_sw(cfg: Int8Config) -> bool:
+    """Whether the backward needs the weight's scale even without ``dX`` (no-QAS int8
+    weights rescale ``dW`` by it)."""
+    return cfg.int8_weights and not cfg.qas
+
+
+def _int_unit_grad(dw: torch.Tensor, sw: torch.Tensor, cfg: Int8Config) -> torch.Tensor:
+    """The weight gradient an int8-weight device applies, in FP32 weight units.
+
+    With FP32 master weights (the default) ``dw`` is returned as is. With int8 weights
+    (``cfg.int8_weights``) a device updates the codes ``q = w / s_w``: their gradient is
+    ``s_w * dw``, and a step of it moves ``w`` by ``lr * s_w**2 * dw``, a scale mismatch of
+    ``s_w**2`` (about 1e-5 here) that stalls learning. QAS (Lin et al., NeurIPS 2022)
+    multiplies the codes' gradient by ``s_w**-2``, which restores ``dw`` exactly; without
+    QAS the mismatched ``s_w**2 * dw`` is what the FP32-side optimizer must see.
+    """
+    if not _needs_sw(cfg):
+        return dw
+    return dw * (sw * sw).view(-1, *([1] * (dw.dim() - 1)))
+
+
 # --- linear ---------------------------------------------------------------------------
 
 
@@ -228,7 +251,8 @@ class _Int8Linear(torch.autograd.Function):
             y = y + b
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # The weight itself (no copy) is saved, to be re-quantized in backward.
-        ctx.save_for_backward(xq if need_dw else None, weight if need_dx else None, sx, lac)
+        keep_w = need_dx or _needs_sw(cfg)
+        ctx.save_for_backward(xq if need_dw else None, weight if keep_w else None, sx, lac)
         ctx.cfg, ctx.lead, ctx.has_bias = cfg, lead, bias is not None
         return y.view(*lead, weight.shape[0])
 
@@ -247,7 +271,7 @@ class _Int8Linear(torch.autograd.Function):
                 dx = K.int_mm_scaled(gq, wq, sg * sw[:1])
             dx = dx.view(*ctx.lead, wq.shape[1])
         if ctx.needs_input_grad[1]:
-            dw = K.int_mm_scaled(gq.t().contiguous(), xq, sg * sx)
+            dw = _int_unit_grad(K.int_mm_scaled(gq.t().contiguous(), xq, sg * sx), sw, cfg)
         if (ctx.has_bias and ctx.needs_input_grad[2]) or (
             lac is not None and ctx.needs_input_grad[3]
         ):
@@ -296,7 +320,8 @@ class _Int8Conv2d(torch.autograd.Function):
         y = conv(xq, sx, wq, sw, lac_bias(bias, lac), stride, padding, dilation, groups)
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # The weight itself (no copy) is saved, to be re-quantized in backward.
-        ctx.save_for_backward(xq if need_dw else None, weight if need_dx else None, lac)
+        keep_w = need_dx or _needs_sw(cfg)
+        ctx.save_for_backward(xq if need_dw else None, weight if keep_w else None, lac)
         ctx.sx, ctx.onednn, ctx.cfg, ctx.has_bias = sx, onednn, cfg, bias is not None
         ctx.geom = (tuple(x.shape[2:]), stride, padding, dilation, groups)
         ctx.kernel_hw = (kh, kw)
@@ -336,6 +361,7 @@ class _Int8Conv2d(torch.autograd.Function):
                 dw = K.im2col_conv2d_weight_grad(
                     x8, ctx.sx, gq, sg, kernel, stride, padding, dilation, groups
                 )
+            dw = _int_unit_grad(dw, sw, cfg)
         if (ctx.has_bias and ctx.needs_input_grad[2]) or (
             lac is not None and ctx.needs_input_grad[3]
         ):

@@ -18,6 +18,14 @@ kernel adds, so it costs nothing per element.
 
 In eval mode (``model.eval()``) the forward rounds to nearest instead of stochastically,
 so evaluation is deterministic.
+
+With int8 weights (``prepare(weights="int8")``) there is no FP32 master copy: the weight
+parameter always holds values on its int8 grid ``s_w * q`` (the host keeps them in an FP32
+tensor; the cost model counts them at one byte each, as the device stores them, through
+the layer's ``tinyfleet_param_itemsize``). Each forward and each ``state_dict`` read first
+projects the weight onto its grid (stochastic rounding in training, to nearest in eval;
+a no-op when nothing changed), so the optimizer's step in between is what a device's
+in-place int8 update does.
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from clients.int8._compile import one_kernel
 from clients.int8.functional import Int8Config, int8_conv2d, int8_linear, lac_bias
+from clients.int8.quant import project_to_grid
 
 __all__ = ["Int8Linear", "Int8Conv2d", "lac_penalty"]
 
@@ -50,6 +60,21 @@ class _LACPenalty(torch.autograd.Function):
             d[0] = 0
             grads.append(d)
         return tuple(grads)
+
+
+def _project(w: torch.Tensor, stochastic: bool, channel_dim: int | None) -> None:
+    with torch.no_grad():
+        w.copy_(project_to_grid(w.detach(), stochastic=stochastic, channel_dim=channel_dim))
+
+
+#: Under the cost model's tracer the projection is weight-storage upkeep done in place,
+#: not part of the step's working set: one kernel, as a device's int8 update would be.
+_project_in_place = one_kernel(_project)
+
+
+def _project_before_read(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """``state_dict`` pre-hook: what is read (sent, saved) is the on-grid weight."""
+    getattr(module, "_project_weight")()  # noqa: B009
 
 
 class _LAC:
@@ -78,6 +103,22 @@ class _LAC:
             object.__setattr__(self, "_eval_cfg", eval_cfg)
         return eval_cfg
 
+    def _init_int8_weights(self, module: nn.Module) -> None:
+        """Keep ``module.weight`` on its int8 grid when the config asks for int8 weights."""
+        cfg: Int8Config = getattr(self, "cfg")  # noqa: B009 - set by from_float
+        if not cfg.int8_weights:
+            return
+        object.__setattr__(module, "tinyfleet_param_itemsize", {"weight": 1})
+        module.register_state_dict_pre_hook(_project_before_read)
+        self._project_weight()
+
+    def _project_weight(self) -> None:
+        """Put the weight on its int8 grid, in place (stochastic rounding in training)."""
+        cfg: Int8Config = getattr(self, "cfg")  # noqa: B009 - set by from_float
+        if cfg.int8_weights:
+            _project_in_place(getattr(self, "weight"), bool(getattr(self, "training", True)),  # noqa: B009
+                              0 if cfg.per_channel else None)
+
     def _effective_bias(self) -> torch.Tensor | None:
         """``bias + alpha * mu + o`` (what export stores; training folds it in-kernel)."""
         return lac_bias(getattr(self, "bias", None), self.lac)
@@ -98,13 +139,16 @@ class Int8Linear(nn.Linear, _LAC):
         new.cfg = cfg
         new._init_lac(new, mod.out_features, lac, mod.weight)
         new.train(mod.training)
+        new._init_int8_weights(new)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._project_weight()
         return int8_linear(x, self.weight, self.bias, self._cfg(), self.lac)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, int8, lac={self.lac is not None}"
+        weights = ", weights=int8" if self.cfg.int8_weights else ""
+        return f"{super().extra_repr()}, int8, lac={self.lac is not None}{weights}"
 
 
 class Int8Conv2d(nn.Conv2d, _LAC):
@@ -127,9 +171,11 @@ class Int8Conv2d(nn.Conv2d, _LAC):
         new.cfg = cfg
         new._init_lac(new, mod.out_channels, lac, mod.weight)
         new.train(mod.training)
+        new._init_int8_weights(new)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._project_weight()
         pad = self.padding
         assert not isinstance(pad, str)  # prepare() resolves "same"/"valid"
         return int8_conv2d(
@@ -145,7 +191,8 @@ class Int8Conv2d(nn.Conv2d, _LAC):
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, int8, lac={self.lac is not None}"
+        weights = ", weights=int8" if self.cfg.int8_weights else ""
+        return f"{super().extra_repr()}, int8, lac={self.lac is not None}{weights}"
 
 
 def lac_penalty(model: nn.Module, weight: float = 1e-4) -> torch.Tensor:

@@ -65,7 +65,8 @@ def prepare(
     *,
     prc: bool | str = True,
     lac: bool = True,
-    qas: bool = False,
+    weights: str = "fp32",
+    qas: bool | None = None,
     stochastic: bool = True,
     per_channel: bool = False,
     leave_fp32: Collection[str] | bool = False,
@@ -88,10 +89,17 @@ def prepare(
     lac : bool
         Add loss-aware compensation parameters to each quantized layer (add
         :func:`lac_penalty` to the loss).
-    qas : bool
-        Quantization-aware gradient scaling (Lin et al. 2022). Not offered: this path
-        trains FP32 master weights, whose gradients already have FP32 scale, which is
-        what QAS restores for integer-unit weights; ``True`` raises ``ConfigError``.
+    weights : {"fp32", "int8"}
+        ``"fp32"`` (Octo): FP32 master weights, quantized afresh in each forward.
+        ``"int8"``: no FP32 master copy; each weight stays on its int8 grid ``s_w * q``
+        (projected after every update with stochastic rounding), as a device that stores
+        int8 weights holds it, and the cost model counts it at one byte per element.
+    qas : bool, optional
+        Quantization-aware gradient scaling (Lin et al., NeurIPS 2022), for
+        ``weights="int8"``: the int8 codes' gradient is scaled by ``s_w**-2`` so that an
+        update has FP32's scale; without it a step moves a weight by ``s_w**2`` times
+        FP32's step. Default: on with int8 weights. With FP32 master weights the gradient
+        already has FP32's scale, so ``qas=True`` there is an error.
     stochastic : bool
         Stochastic rounding of the forward operands (else round to nearest).
     per_channel : bool
@@ -114,10 +122,15 @@ def prepare(
     ConfigError
         For an unsupported layer (listed by name) not left in FP32, or bad options.
     """
-    if qas:
+    if weights not in ("fp32", "int8"):
+        raise ConfigError(f"int8.weights: expected 'fp32' or 'int8', got {weights!r}")
+    if qas is None:
+        qas = weights == "int8"
+    if qas and weights != "int8":
         raise ConfigError(
-            "int8.qas: QAS gradient scaling is not implemented (FP32 master weights already "
-            "get FP32-scale gradients); expected qas=False"
+            "int8.qas: QAS rescales the gradients of int8-stored weights; with FP32 master "
+            "weights (weights='fp32') they already have FP32's scale; expected "
+            "weights='int8' or qas=False"
         )
     if prc is True:
         mode = "range"
@@ -163,6 +176,8 @@ def prepare(
         prc_z=prc_z,
         compile=do_compile,
         use_onednn=_kernels.onednn_conv_available(),
+        int8_weights=weights == "int8",
+        qas=bool(qas),
     )
     if not inplace:
         model = copy.deepcopy(model)

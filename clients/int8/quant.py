@@ -25,6 +25,7 @@ __all__ = [
     "prc_bounds",
     "quantize_backward",
     "quantize_backward_both",
+    "project_to_grid",
 ]
 
 #: Largest int8 magnitude used: values are in ``[-127, 127]`` so that negation is exact.
@@ -194,3 +195,19 @@ def _backward_levels(
     s = (torch.maximum(lo.abs(), hi.abs()) / QMAX).clamp_min(_TINY)
     x = torch.round(torch.minimum(torch.maximum(g, lo), hi) / s).clamp(-QMAX, QMAX)
     return x, s
+
+
+def project_to_grid(
+    w: torch.Tensor, *, stochastic: bool = True, channel_dim: int | None = None
+) -> torch.Tensor:
+    """``w`` on its int8 grid, ``s * q`` with ``q = quantize_forward(w)``: the weight a
+    device that stores int8 weights holds after an update.
+
+    Idempotent up to the float rounding of the scale: a tensor already on its grid maps
+    to itself (its absmax gives the same scale, and stochastic rounding of an integer is
+    that integer), so projecting after every step and again before a read is safe.
+    Stochastic rounding keeps updates smaller than one grid step alive in expectation.
+    """
+    q, s = quantize_forward(w, stochastic=stochastic, channel_dim=channel_dim)
+    return q.to(w.dtype) * s
+
