@@ -370,3 +370,56 @@ def test_cell_major_gate_path_matches_the_grid_path() -> None:
             want = gate(x, prev).reshape(-1)
             got = gate.decide_table(gate.table(x, prev), (5, 7))
         assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_fast_decisions_match_the_logits_of_the_reference_path() -> None:
+    from clients.pass_skip import LearnedGate, ThresholdGate
+    from clients.pass_skip.gates import neighbour_max_cells, neighbour_max_rows, neighbour_table
+
+    g = torch.Generator().manual_seed(6)
+    rows = torch.rand(35, 4, generator=g)
+    for r in (0, 1, 2):
+        want = neighbour_max_rows(rows, neighbour_table((5, 7), r)) if r else rows
+        assert torch.equal(neighbour_max_cells(rows, (5, 7), r), want)
+    x = torch.rand(1, 3, 20, 28, generator=g)
+    prev = x + 0.6 * torch.rand(1, 3, 20, 28, generator=g)  # change about the threshold
+    prev[..., :8, :] = x[..., :8, :]  # unchanged patches too
+    gates = [
+        LearnedGate(3, 4, hidden=6, prior_tau=0.3, prior_scale=5.0, reach=r) for r in (0, 1, 2)
+    ] + [LearnedGate(3, 4, hidden=6), ThresholdGate(4, 0.3, reach=1)]
+    for gate in gates:
+        for p in gate.parameters():
+            nn.init.normal_(p, generator=g)
+        with torch.no_grad():
+            if isinstance(gate, LearnedGate):  # centre the logits: both decisions occur
+                gate.out.bias -= gate(x, prev).median()
+            table, f = gate.table(x, prev), gate.cell_features(x, prev)
+            assert torch.allclose(table, f.reshape(f.shape[1], -1).t())
+            logits = gate(x, prev).reshape(-1)  # the grid (training) path
+            assert torch.allclose(gate.decide_table(table, (5, 7)), logits, atol=1e-5)
+            cells = gate.decide_cells(table, (5, 7))
+        clear = logits.abs() > 1e-4  # a tie may round either way
+        chosen = torch.zeros(35, dtype=torch.bool)
+        chosen[cells] = True
+        assert torch.equal(chosen[clear], (logits > 0)[clear])
+        assert 0 < len(cells) < 35
+
+
+def test_learned_frame_path_matches_the_clip_path() -> None:
+    net, frames = _net(), _walking_square(9)
+    pm = prepare(net, patch=8, gate="learned", threshold=0.01, keyframe_every=5)
+    g = torch.Generator().manual_seed(7)
+    for block in pm.patch_blocks:  # a residual that overturns the prior in places
+        for p in block.gate.parameters():
+            nn.init.normal_(p, std=0.5, generator=g)
+    seq = torch.cat([pm(frames[t]) for t in range(len(frames))])
+    with torch.no_grad():
+        clip, _ = pm.forward_clip(frames[None])
+    assert torch.allclose(clip[0], seq, atol=1e-5)
+    prior = prepare(net, patch=8, gate="threshold", threshold=0.01, keyframe_every=5)
+    for t in range(len(frames)):
+        prior(frames[t])
+    gated = [b.executed_patches - 2 * b.grid[0] * b.grid[1] for b in pm.patch_blocks]
+    assert 0 < sum(gated) < 7 * sum(b.grid[0] * b.grid[1] for b in pm.patch_blocks)
+    # The residual overturned the prior somewhere (so the learned part was exercised).
+    assert gated != [b.executed_patches - 2 * b.grid[0] * b.grid[1] for b in prior.patch_blocks]

@@ -20,6 +20,7 @@ do not line up) the block keeps a copy of its previous input and compares whole 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +31,9 @@ from clients.pass_skip.gates import PatchGate
 from clients.pass_skip.geometry import BlockPlan, conv_macs, layer_spec, plan_block
 from clients.pass_skip.patches import (
     gather_cells,
+    gather_rows,
     mask_table,
-    put_cells,
+    put_rows,
     window_table,
 )
 from devices.errors import ConfigError, DataError
@@ -121,6 +123,17 @@ class PatchBlock(nn.Module):
             for i, lp in enumerate(self.plan.layers)
             if i > 0 and lp.spec.kind == "conv" and lp.spec.padding > 0
         ]
+        # What run_patches calls: no Identity (a folded batch norm), ReLU as a function
+        # (in place after the first layer: it then acts on a fresh intermediate), the
+        # rest as modules (so hooks on a PatchConv see every executed batch).
+        self._steps: list[tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = []
+        for i, m in enumerate(self.patch_layers):
+            if isinstance(m, nn.Identity):
+                continue
+            if type(m) is nn.ReLU:
+                self._steps.append((i, torch.relu_ if self._steps else torch.relu))
+            else:
+                self._steps.append((i, m))
         self._shape: tuple[int, int, int] | None = None
         self._grid = (0, 0)
         self.full_macs_per_frame = 0
@@ -197,6 +210,13 @@ class PatchBlock(nn.Module):
             for i, lp in enumerate(plan.layers)
             if i in self._masked
         }
+        # One border test per frame: the cells whose window crosses the image border at
+        # any masked layer (masking a cell that does not is a multiplication by one).
+        self._border = torch.zeros(gh * gw, dtype=torch.bool)
+        for _, crosses in self._masks.values():
+            self._border |= crosses
+        self._empty = torch.zeros((0, co, po, po))
+        self._no_cells = torch.zeros(0, dtype=torch.long)
         self.full_macs_per_frame = sum(
             conv_macs(
                 lp.spec, gh * (lp.in_patch // lp.spec.stride), gw * (lp.in_patch // lp.spec.stride)
@@ -210,10 +230,10 @@ class PatchBlock(nn.Module):
     def run_patches(self, windows: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Run the block on gathered windows (n, C, w, w) -> output patches (n, C', p, p)."""
         h = windows
-        for i, layer in enumerate(self.patch_layers):
-            masks = self._masks.get(i)
-            if masks is not None and bool(masks[1].index_select(0, cells).any()):
-                h = h * masks[0].index_select(0, cells)
+        border = bool(self._masks) and bool(self._border.index_select(0, cells).any())
+        for i, layer in self._steps:
+            if border and i in self._masks:
+                h = h * self._masks[i][0].index_select(0, cells)
             h = layer(h)
         return h
 
@@ -229,9 +249,10 @@ class PatchBlock(nn.Module):
                 "use 'same'-style padding"
             )
         self._out.copy_(out)
-        self._static = self.gate.static_table(x)
         if self._prev is not None:
             self._prev.copy_(x)
+        else:  # cached feature rows; a block comparing whole maps does not read them
+            self._static = self.gate.static_table(x)
         self._ready = True
         self.total_patches += gh * gw
         self.full_macs += self.full_macs_per_frame
@@ -263,7 +284,6 @@ class PatchBlock(nn.Module):
             if self._prev is None:
                 raise ConfigError("pass: block without a change record needs track_prev=True")
             features = gate.table(self._x, self._prev)
-            self._static = gate.static_table(self._x)
             self._prev.copy_(self._x)
             featured = gh * gw
         else:
@@ -274,10 +294,8 @@ class PatchBlock(nn.Module):
             if featured:
                 dyn = gate.patch_table(change.new, change.old)
                 features = features.index_copy(0, change.cells, dyn)
-                still = gate.still_rows(change.new, dyn)
-                if still is not None:
-                    self._static.index_copy_(0, change.cells, still)
-        cells = (gate.decide_table(features, self._grid) > 0).nonzero().squeeze(1)
+                gate.update_static(self._static, change.cells, change.new, dyn)
+        cells = gate.decide_cells(features, self._grid)
         n = int(cells.numel())
         gate_macs = int(gate.macs(self._shape[0] if self._shape else 0, featured, gh * gw))
         self.gate_macs += gate_macs
@@ -289,12 +307,13 @@ class PatchBlock(nn.Module):
         self.executed_macs += gate_macs + n * self.plan.patch_macs()
         self.executed_patches += n
         if n == 0:
-            empty = self._out.new_zeros((0, self._out.shape[1], po, po))
-            return Change(cells, empty, empty)
+            return Change(self._no_cells, self._empty, self._empty)
         windows = gather_cells(self._buf, self._in_table, cells, self.plan.in_window, self._ws_in)
         new = self.run_patches(windows, cells)
-        old = gather_cells(self._out_buf, self._out_table, cells, po, self._ws_old)
-        put_cells(self._out_buf, self._out_table, cells, new)
+        # The output pixels of the chosen cells, looked up once for both directions.
+        pixels = self._out_table.index_select(0, cells).view(-1)
+        old = gather_rows(self._out_buf, pixels, po, self._ws_old)
+        put_rows(self._out_buf, pixels, new)
         return Change(cells, old, new)
 
     def _dense(self, gate_macs: int) -> Change:

@@ -6,9 +6,10 @@ same executor and the same soft training path serve both. Each splits into
 ``cell_features`` (pooled per patch from that patch alone, so the executor can compute it
 only on the patches whose input changed) and ``decide`` (on the whole, small, patch grid).
 Frame-by-frame inference uses cell-major twins of both (``patch_table``, ``static_table``,
-``still_rows``, ``decide_table``: one row of features per cell, neighbourhoods through a
-cached index table), the same arithmetic in a few kernels instead of dozens of tiny ones:
-at 144 cells per block the gates' Python and dispatch, not their MACs, were their cost.
+``still_rows``/``update_static``, ``decide_table``/``decide_cells``: one row of features per
+cell, neighbourhood maxima as one ``max_pool2d`` on the rows viewed as a channels-last
+grid), the same arithmetic in a few kernels instead of dozens of tiny ones: at 144 cells
+per block the gates' Python and dispatch, not their MACs, were their cost.
 
 - ``ThresholdGate``: logit = mean |x - prev| over the patch (and channels) - tau. No
   parameters; the baseline.
@@ -36,6 +37,7 @@ __all__ = [
     "neighbour_max",
     "neighbour_table",
     "neighbour_max_rows",
+    "neighbour_max_cells",
     "patch_mean_abs_diff",
 ]
 
@@ -89,6 +91,24 @@ def neighbour_max_rows(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     cells, k = rows.shape
     padded = torch.cat([rows, rows.new_zeros((1, k))])
     return padded.index_select(0, table.view(-1)).view(cells, -1, k).amax(1)
+
+
+def neighbour_max_cells(rows: torch.Tensor, grid: tuple[int, int], reach: int) -> torch.Tensor:
+    """``neighbour_max`` on cell-major rows (cells, K) of non-negative values, by grid shape.
+
+    The rows of a (gh, gw) grid are a channels-last (1, K, gh, gw) map, so this is one
+    ``max_pool2d`` (kernel 2*reach+1, stride 1) on a view, without copies. Its -inf
+    padding gives the same maxima as ``neighbour_max``'s zeros because each window holds
+    its own cell, which is >= 0. One kernel: here about a quarter of the time of
+    ``neighbour_max_rows``, whose maximum over the gathered middle axis was slow.
+    """
+    if reach <= 0:
+        return rows
+    gh, gw = grid
+    k = rows.shape[1]
+    cl = rows.view(1, gh, gw, k).permute(0, 3, 1, 2)
+    out = F.max_pool2d(cl, 2 * reach + 1, 1, reach)
+    return out.permute(0, 2, 3, 1).reshape(gh * gw, k)
 
 
 def gumbel_gate(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -152,6 +172,20 @@ class PatchGate(nn.Module):
         """Logits (cells,) from the feature rows (cells, F) of a (gh, gw) grid."""
         gh, gw = grid
         return self.decide(table.t().reshape(1, -1, gh, gw)).reshape(-1)
+
+    def decide_cells(self, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Flat indices (n,) of the cells to compute (logit > 0), ascending: the inference
+        decision from the feature rows (cells, F) of a (gh, gw) grid."""
+        return (self.decide_table(table, grid) > 0).nonzero().squeeze(1)
+
+    def update_static(
+        self, static: torch.Tensor, cells: torch.Tensor, new: torch.Tensor, rows: torch.Tensor
+    ) -> None:
+        """Write into ``static`` (cells, F), in place, the rows the rewritten ``cells``
+        (patches ``new``, ``patch_table`` rows ``rows``) have on a frame they do not change."""
+        still = self.still_rows(new, rows)
+        if still is not None:
+            static.index_copy_(0, cells, still)
 
     def _neighbours(self, grid: tuple[int, int], reach: int) -> torch.Tensor:
         """Cached ``neighbour_table`` (a plain dict attribute: not state to save)."""
@@ -219,9 +253,12 @@ class ThresholdGate(PatchGate):
 
     def decide_table(self, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Logits (cells,): largest mean change within reach minus tau."""
-        if self.reach > 0:
-            table = neighbour_max_rows(table, self._neighbours(grid, self.reach))
-        return table.view(-1) - self.tau
+        return neighbour_max_cells(table, grid, self.reach).view(-1) - self.tau
+
+    def update_static(
+        self, static: torch.Tensor, cells: torch.Tensor, new: torch.Tensor, rows: torch.Tensor
+    ) -> None:
+        """Nothing: an unchanged patch's feature is always zero."""
 
     def macs(self, channels: int, featured: int, cells: int) -> int:
         """MAC-equivalents of one decision: one per input element of each featured patch."""
@@ -331,6 +368,13 @@ class LearnedGate(PatchGate):
         b = self.residual_bound
         return self.prior_scale * (change - self.prior_tau) + b * torch.tanh(learned / b)
 
+    def table(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Rows (cells, 3C) of whole maps: ``cell_features`` with one pooling over the
+        stacked [x, |x - prev|, (x - prev)^2] instead of three."""
+        d = x - prev
+        f = F.avg_pool2d(torch.cat([x, d.abs(), d.mul_(d)], dim=1), self.patch)
+        return f.reshape(f.shape[1], -1).t().contiguous()
+
     def static_table(self, x: torch.Tensor) -> torch.Tensor:
         """Rows (cells, 3C): each patch's mean, and zero change."""
         mean = F.avg_pool2d(x, self.patch)
@@ -347,22 +391,63 @@ class LearnedGate(PatchGate):
         zeros = rows.new_zeros((rows.shape[0], 2 * self.channels))
         return torch.cat([rows[:, : self.channels], zeros], dim=1)
 
-    def decide_table(self, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Logits (cells,): ``decide``'s arithmetic on rows (matmuls without transposes,
-        neighbourhood maxima through one gather)."""
+    def update_static(
+        self, static: torch.Tensor, cells: torch.Tensor, new: torch.Tensor, rows: torch.Tensor
+    ) -> None:
+        """Copy the rows' mean columns in place; the change columns of ``static`` are
+        zero already (as ``still_rows``, without building the rows)."""
+        c = self.channels
+        static[:, :c].index_copy_(0, cells, rows[:, :c])
+
+    def _scaled(
+        self, table: torch.Tensor, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``decide``'s arithmetic on rows: (u, change), u = tanh(learned / b) with a prior
+        (the learned logit itself without; change is then None), change = the largest
+        mean |d| within ``reach`` (cells, 1).
+
+        Fewer kernels than the grid path: with reach 1 the prior's change column rides
+        along with the hidden values through one neighbourhood maximum (both >= 0), the
+        two halves of the output layer are two matmuls into one result (no concatenation)
+        and the 1 / b of tanh(learned / b) is folded into the matmuls' scale factors.
+        """
         h = torch.addmm(self.point.bias, table, self.point.weight.t()).relu_()
-        near = neighbour_max_rows(h, self._neighbours(grid, 1))
-        learned = torch.addmm(self.out.bias, torch.cat([h, near], dim=1), self.out.weight.t())
-        learned = learned.view(-1)
+        k = self.hidden
+        w_own, w_near = self.out.weight[:, :k].t(), self.out.weight[:, k:].t()
         if self.prior_tau is None:
-            return learned
+            near = neighbour_max_cells(h, grid, 1)
+            learned = torch.addmm(self.out.bias, h, w_own)
+            return learned.addmm_(near, w_near), None
         c = self.channels
         change = table[:, c : 2 * c].mean(1, keepdim=True)
-        if self.reach > 0:
-            change = neighbour_max_rows(change, self._neighbours(grid, self.reach))
-        b = self.residual_bound
-        prior = change.view(-1).sub_(self.prior_tau).mul_(self.prior_scale)
-        return prior.add_(learned.div_(b).tanh_().mul_(b))
+        if self.reach == 1:
+            both = neighbour_max_cells(torch.cat([h, change], dim=1), grid, 1)
+            near, change = both[:, :k], both[:, k:]
+        else:
+            near = neighbour_max_cells(h, grid, 1)
+            change = neighbour_max_cells(change, grid, self.reach)
+        inv = 1.0 / self.residual_bound
+        u = torch.addmm(self.out.bias, h, w_own, beta=inv, alpha=inv)
+        return u.addmm_(near, w_near, alpha=inv).tanh_(), change
+
+    def decide_table(self, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Logits (cells,): ``decide``'s arithmetic on rows (see ``_scaled``)."""
+        u, change = self._scaled(table, grid)
+        if change is None:
+            return u.view(-1)
+        prior = (change - self.prior_tau).mul_(self.prior_scale)
+        return prior.add_(u, alpha=self.residual_bound).view(-1)
+
+    def decide_cells(self, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Cells with logit > 0 (``decide_table``), tested as
+        tanh(learned / b) + (scale / b) * change > (scale / b) * tau: the same decision
+        (up to rounding) in two kernels fewer."""
+        u, change = self._scaled(table, grid)
+        bar = 0.0
+        if change is not None:
+            r = self.prior_scale / self.residual_bound
+            u, bar = u.add_(change, alpha=r), r * float(self.prior_tau)  # type: ignore[arg-type]
+        return (u.view(-1) > bar).nonzero().squeeze(1)
 
     def macs(self, channels: int, featured: int, cells: int) -> int:
         """MAC-equivalents of one decision: pooling of each featured patch (twice: changed

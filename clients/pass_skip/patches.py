@@ -15,6 +15,8 @@ of kernels whatever the number of patches:
 - ``window_table`` lists, per cell, the flat pixel indices of its window;
 - ``gather_cells`` copies the chosen cells' windows into one batch;
 - ``put_cells`` writes whole patches into a map (in place, a bordered buffer allowed);
+- ``gather_rows`` / ``put_rows``: the same two from pixel indices looked up once (a block
+  reads the old values of the patches it is about to overwrite);
 - ``mask_table`` marks what lies outside the image inside each cell's window (a block's
   inner layers must see zeros there, as their own padding would, not values computed
   from the outer padding);
@@ -31,7 +33,9 @@ __all__ = [
     "pad_map",
     "window_table",
     "gather_cells",
+    "gather_rows",
     "put_cells",
+    "put_rows",
     "mask_table",
     "chosen_cells",
 ]
@@ -110,13 +114,7 @@ def gather_cells(
     torch.Tensor
         (n, C, window, window), channels-last contiguous.
     """
-    c = buf.shape[1]
-    idx = table.index_select(0, cells).reshape(-1)
-    if out is None:
-        taken = _pixels(buf).index_select(0, idx)
-    else:
-        taken = torch.index_select(_pixels(buf), 0, idx, out=out[: idx.numel()])
-    return taken.view(-1, window, window, c).permute(0, 3, 1, 2)
+    return gather_rows(buf, table.index_select(0, cells).reshape(-1), window, out)
 
 
 def put_cells(
@@ -124,10 +122,27 @@ def put_cells(
 ) -> None:
     """Write patches (n, C, p, p) into the chosen cells of a channels-last map, in place
     (``table``: the map's ``window_table`` for windows of side p)."""
+    put_rows(buf, table.index_select(0, cells).reshape(-1), values)
+
+
+def gather_rows(
+    buf: torch.Tensor, pixels: torch.Tensor, window: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``gather_cells`` from the flat pixel indices (n * window * window,) of the chosen
+    cells' windows (their ``window_table`` rows, concatenated)."""
+    c = buf.shape[1]
+    if out is None:
+        taken = _pixels(buf).index_select(0, pixels)
+    else:
+        taken = torch.index_select(_pixels(buf), 0, pixels, out=out[: pixels.numel()])
+    return taken.view(-1, window, window, c).permute(0, 3, 1, 2)
+
+
+def put_rows(buf: torch.Tensor, pixels: torch.Tensor, values: torch.Tensor) -> None:
+    """``put_cells`` to the flat pixel indices of the patches (as ``gather_rows``)."""
     n, c, p, _ = values.shape
-    idx = table.index_select(0, cells).reshape(-1)
     src = values.permute(0, 2, 3, 1).reshape(n * p * p, c)
-    _pixels(buf).index_copy_(0, idx, src)
+    _pixels(buf).index_copy_(0, pixels, src)
 
 
 def mask_table(
