@@ -9,22 +9,36 @@ weights alike.
 
 Each device ``pid`` owns a deterministic stream (:func:`device_stream`: seed from the run
 seed and ``pid``; static background or high motion per config). Round ``r`` uses segment
-``r`` of it: the first ``train_frames`` labelled frames fine-tune the network (and then the
-gates, backbone frozen, as ``clients.pass_skip.train_gates``); the next ``duty_frames`` are
-the duty cycle, run frame by frame through ``clients.pass_skip.prepare`` (``gate = "off"``
-computes every frame whole).
+``r`` of it: the first ``train_frames`` labelled frames fine-tune the network
+(:func:`fine_tune`: Adam, then a batch-norm recalibration pass) and then the gates, backbone
+frozen, as ``clients.pass_skip.train_gates``; the next ``duty_frames`` are the duty cycle,
+run frame by frame through ``clients.pass_skip.prepare`` (``gate = "off"`` computes every
+frame whole).
+
+Precision: ``perception.precision = "int8"`` (or ``train.precision = "int8"``, the switch
+the other apps read) fine-tunes with Octo's INT8 training (``clients.int8.prepare``: int8
+forward and backward of every conv/linear layer, LAC penalty in the loss). The federated
+arrays stay those of the FP32 ``PerceptionNet``: after the steps each layer's FP32 master
+weight is kept and its LAC correction folded into its bias (LAC is a per-channel offset,
+``bias + alpha * mu + o``, as ``clients.int8.export`` folds it). What runs after the
+fine-tuning stays FP32 in both precisions, and is costed so: the batch-norm recalibration,
+the gates' training (``clients.pass_skip`` has no int8 path) and the PASS duty cycle.
 
 Cost model (never host time): training from ``devices.cost.training_step_cost`` and
-``estimate_training``; a device whose training step does not fit its RAM does not train
-(``trained`` = 0, ``num-examples`` = 0, so FedAvg gives it no weight) but still runs the duty
-cycle. Inference is credited only the executed MACs: per frame
-``executed MACs / profile.macs_per_s["fp32"]``; a device keeps up when that is at most the
-frame deadline ``1 / fps``. The reply's ``compute-s`` is training plus duty-cycle time.
+``estimate_training``; an INT8 step is costed as ``clients.client_app`` costs one (MACs of
+the FP32 graph at the profile's ``int8`` throughput, memory from a traced step of the
+prepared model, weight storage from its int8 export). A device whose training step does
+not fit its RAM does not train (``trained`` = 0, ``num-examples`` = 0, so FedAvg gives it
+no weight) but still runs the duty cycle. Inference is credited only the executed MACs: per
+frame ``executed MACs / profile.macs_per_s["fp32"]``; a device keeps up when that is at
+most the frame deadline ``1 / fps``. The reply's ``compute-s`` is training plus duty-cycle
+time.
 
 Reply metrics: ``num-examples``, ``trained``, ``train-loss``, ``compute-s``, ``energy-j``,
 ``train-compute-s``, ``infer-s``, ``infer-energy-j``, ``executed-macs``, ``full-macs``,
 ``mac-ratio``, ``frame-time-s``, ``deadline-s``, ``keeps-up``, ``stream-acc``,
-``duty-frames``, ``partition-id``, ``measured`` (0).
+``duty-frames``, ``partition-id``, ``measured`` (0), ``int8`` (1 when the fine-tuning ran
+in INT8).
 """
 
 from __future__ import annotations
@@ -37,8 +51,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import nn
 
 from clients.client_app import _spec, device_of
 from clients.pass_skip import (
@@ -47,12 +63,18 @@ from clients.pass_skip import (
     PerceptionNet,
     prepare,
     train_gates,
-    train_perception,
 )
 from clients.spec import expand_run_config, unflatten
 from clients.video import HIGH_MOTION, STATIC_BACKGROUND, VideoStream, generate_stream
-from devices.cost import check_fit, estimate_training, training_step_cost
-from devices.errors import BudgetError, ConfigError
+from devices.cost import (
+    StepCost,
+    check_fit,
+    estimate_training,
+    inference_cost,
+    step_time_s,
+    training_step_cost,
+)
+from devices.errors import BudgetError, ConfigError, DataError
 from devices.profiles import DeviceProfile
 
 __all__ = [
@@ -62,6 +84,8 @@ __all__ = [
     "build_global_state",
     "device_stream",
     "duty_cycle",
+    "fine_tune",
+    "fine_tune_cost",
     "perception_of",
 ]
 
@@ -71,6 +95,7 @@ GATE_PREFIX = "gates."
 """Prefix of the learned gates' arrays in the federated ``ArrayRecord``."""
 
 _STREAMS = {"static": STATIC_BACKGROUND, "high-motion": HIGH_MOTION}
+_PRECISIONS = ("fp32", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +117,10 @@ class PerceptionSpec:
     train_frames : int
         Labelled frames fine-tuned on per round (a multiple of ``clip_len``).
     train_steps, batch_size, lr : int, int, float
-        Fine-tuning of the network (Adam, ``train_perception``).
+        Fine-tuning of the network (Adam, :func:`fine_tune`).
+    precision : {"fp32", "int8"}
+        Arithmetic of the fine-tuning steps ("int8": ``clients.int8``, Octo). Unset, it
+        follows ``train.precision``; both set and different is an error.
     gate : {"off", "threshold", "learned"}
         PASS gate of the duty cycle ("off": every frame computed whole).
     patch, threshold, keyframe_every : int, float, int
@@ -113,6 +141,7 @@ class PerceptionSpec:
     train_steps: int = 20
     batch_size: int = 16
     lr: float = 2e-3
+    precision: str = "fp32"
     gate: str = "threshold"
     patch: int = 8
     threshold: float = 0.02
@@ -130,6 +159,9 @@ class PerceptionSpec:
         if self.gate not in ("off", "threshold", "learned"):
             raise ConfigError(f"perception.gate: expected 'off', 'threshold' or 'learned', "
                               f"got {self.gate!r}")
+        if self.precision not in _PRECISIONS:
+            raise ConfigError(f"perception.precision: expected one of {_PRECISIONS}, "
+                              f"got {self.precision!r}")
         for name in ("size", "width", "duty_frames", "train_frames", "train_steps",
                      "batch_size", "patch", "gate_steps", "clip_len", "switch_every"):
             if int(getattr(self, name)) < 1:
@@ -163,6 +195,14 @@ def _perception_cached(key: tuple[tuple[str, Any], ...]) -> tuple[PerceptionSpec
     unknown = sorted(set(table) - known)
     if unknown:
         raise ConfigError(f"perception: unknown keys {unknown}; expected some of {sorted(known)}")
+    table = dict(table)
+    train = doc.get("train")
+    inherited = train.get("precision") if isinstance(train, Mapping) else None
+    if inherited is not None:
+        own = table.setdefault("precision", inherited)
+        if own != inherited:
+            raise ConfigError(f"perception.precision: {own!r} disagrees with train.precision "
+                              f"{inherited!r}; set one of them (or both alike)")
     return PerceptionSpec(**table), int(doc.get("seed", 0)), int(doc.get("rounds", 1))
 
 
@@ -272,19 +312,149 @@ def duty_cycle(net: PerceptionNet, frames: torch.Tensor, labels: torch.Tensor,
     }
 
 
-@functools.lru_cache(maxsize=16)
-def _train_cost(spec: PerceptionSpec, profile: DeviceProfile) -> tuple[float, float, bool]:
-    """Cost-model seconds and joules of one fine-tuning step, and whether it fits RAM."""
+_INT8_MEASURED = ("activation_bytes", "transient_bytes", "peak_bytes", "weight_bytes",
+                  "grad_bytes", "optimizer_bytes", "param_count", "trainable_param_count")
+"""The memory terms of an INT8 step taken from the traced step of the prepared model (the
+rest, MACs and layers, from its FP32 twin at the int8 rate), as ``clients.client_app``."""
+
+
+def _int8_prepare(net: PerceptionNet) -> nn.Module:
+    from clients import int8
+
+    return int8.prepare(net)
+
+
+@functools.lru_cache(maxsize=8)
+def fine_tune_cost(spec: PerceptionSpec) -> tuple[StepCost, int, StepCost, StepCost]:
+    """The cost-model steps of a round's training, per spec (not per device).
+
+    Returns
+    -------
+    step : StepCost
+        One fine-tuning step (batch ``batch_size``) in ``spec.precision``. INT8 as
+        ``clients.client_app`` costs it: MACs and layers of the FP32 graph with
+        ``dtype="int8"`` (torch's counter does not see the int8 kernels), the memory terms
+        of a traced step of the ``clients.int8``-prepared model.
+    storage : int
+        Bytes of weights a device stores (the int8 export's under INT8).
+    fp32_step : StepCost
+        The same step in FP32: what a gate-training frame costs (the gates train in FP32).
+    recalibration : StepCost
+        The batch-norm recalibration pass: one forward of the ``train_frames`` frames.
+    """
+    shape = (1, spec.size, spec.size)
     with torch.random.fork_rng(devices=[]):
         net = PerceptionNet(1, 10, spec.width)
-        cost = training_step_cost(net, (1, spec.size, spec.size), spec.batch_size,
-                                  optimizer="adam")
+        fp32 = training_step_cost(net, shape, spec.batch_size, optimizer="adam")
+        recalibration = inference_cost(net, shape, spec.train_frames)
+        storage = sum(p.numel() * p.element_size() for p in net.parameters())
+        step = fp32
+        if spec.precision == "int8":
+            from clients import int8
+
+            prepared = _int8_prepare(net)
+            measured = training_step_cost(prepared, shape, spec.batch_size, optimizer="adam",
+                                          dtype="int8")
+            twin = training_step_cost(net, shape, spec.batch_size, optimizer="adam",
+                                      dtype="int8")
+            step = dataclasses.replace(
+                twin, **{name: getattr(measured, name) for name in _INT8_MEASURED})
+            storage = int(int8.exported_size_bytes(int8.export(prepared)))
+    return step, storage, fp32, recalibration
+
+
+@functools.lru_cache(maxsize=16)
+def _train_cost(spec: PerceptionSpec, profile: DeviceProfile
+                ) -> tuple[float, float, float, float, bool]:
+    """Seconds of one fine-tuning step, of one FP32 step (a gate-training batch), of the
+    recalibration pass, the device's compute power, and whether the step fits."""
+    step, storage, fp32, recalibration = fine_tune_cost(spec)
     try:
-        check_fit(cost, profile)
+        check_fit(step, profile, weight_storage_bytes=storage)
     except BudgetError:
-        return 0.0, 0.0, False
-    est = estimate_training(cost, profile, steps=1)
-    return est.compute_s, est.energy_j, True
+        return 0.0, 0.0, 0.0, profile.power_compute_w, False
+    est = estimate_training(step, profile, steps=1)
+    return (est.compute_s, step_time_s(fp32, profile), step_time_s(recalibration, profile),
+            profile.power_compute_w, True)
+
+
+def _recalibrate(net: PerceptionNet, frames: torch.Tensor) -> None:
+    """Reset every batch norm's running statistics to those of ``net`` on ``frames``.
+
+    Twenty-odd Adam steps move the weights faster than the running statistics follow
+    (momentum 0.1): measured on this config, the fine-tuned net in eval mode got 0-25% of
+    its own training frames right in round 1 at a training loss of 0.2-0.5. One forward
+    pass in training mode with a cumulative average (``momentum=None``) makes them the
+    statistics of the final weights on this round's frames.
+    """
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(frames)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    net.eval()
+
+
+def _fold_int8(trained: nn.Module, net: PerceptionNet) -> None:
+    """Copy an INT8-trained model's weights into the FP32 ``net``, LAC folded into biases."""
+    from clients import int8
+    from clients.int8.functional import lac_bias
+
+    state = trained.state_dict()
+    for name, module in trained.named_modules():
+        if isinstance(module, int8.Int8Conv2d | int8.Int8Linear):
+            prefix = f"{name}." if name else ""
+            state.pop(prefix + "lac", None)
+            bias = lac_bias(module.bias, module.lac)
+            if bias is not None:
+                state[prefix + "bias"] = bias.detach().clone()
+    net.load_state_dict(state)
+
+
+def fine_tune(net: PerceptionNet, frames: torch.Tensor, labels: torch.Tensor,
+              spec: PerceptionSpec, seed: int) -> tuple[list[float], nn.Module]:
+    """Fine-tune ``net`` in place on labelled frames; returns the losses and the module
+    that ran the steps (``net`` itself in FP32, its ``clients.int8``-prepared copy in
+    INT8, whose weights, LAC folded in, are then copied back into ``net``).
+
+    ``train_steps`` Adam steps on random batches of ``batch_size`` labelled frames (the
+    sampling of ``clients.pass_skip.train_perception``), the LAC penalty added under INT8;
+    then :func:`_recalibrate` on the frames, in FP32, as the net will infer.
+    """
+    keep = labels >= 0
+    x, y = frames[keep], labels[keep]
+    if x.shape[0] == 0:
+        raise DataError("frames/labels: need labelled frames to fine-tune on")
+    int8_mode = spec.precision == "int8"
+    model: nn.Module = _int8_prepare(net) if int8_mode else net
+    extra = None
+    if int8_mode:
+        from clients import int8
+
+        extra = int8.lac_penalty
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    model.train()
+    losses: list[float] = []
+    for _ in range(spec.train_steps):
+        idx = torch.randint(0, x.shape[0], (spec.batch_size,), generator=gen)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        if extra is not None:
+            loss = loss + extra(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    if int8_mode:
+        _fold_int8(model, net)
+    _recalibrate(net, x)
+    return losses, model
 
 
 def train_on_stream(run_config: Mapping[str, Any], pid: int, profile: DeviceProfile,
@@ -299,15 +469,14 @@ def train_on_stream(run_config: Mapping[str, Any], pid: int, profile: DeviceProf
     net_state, gate_state = _split_state(arrays.to_torch_state_dict())
     net = PerceptionNet(1, 10, spec.width)
     net.load_state_dict(net_state)
-    step_s, step_j, fits = _train_cost(spec, profile)
+    step_s, fp32_s, recal_s, power_w, fits = _train_cost(spec, profile)
     loss = float("nan")
-    train_s = train_j = 0.0
+    train_s = 0.0
     if fits and bool((train_y >= 0).any()):
         rng_seed = seed * 1_000_003 + pid * 1_009 + server_round
-        losses = train_perception(net, train_x, train_y, steps=spec.train_steps,
-                                  batch_size=spec.batch_size, lr=spec.lr, seed=rng_seed)
+        losses, _ = fine_tune(net, train_x, train_y, spec, rng_seed)
         loss = float(np.mean(losses))
-        train_s, train_j = step_s * spec.train_steps, step_j * spec.train_steps
+        train_s = step_s * spec.train_steps + recal_s
         if spec.gate == "learned":
             model = _prepare(net.eval(), spec)
             _load_gates(model, gate_state)
@@ -317,12 +486,13 @@ def train_on_stream(run_config: Mapping[str, Any], pid: int, profile: DeviceProf
                                   batch_size=clips.shape[0], lr=spec.gate_lr,
                                   sparsity=spec.sparsity, seed=rng_seed)
             gate_state = _gate_state(model)
-            # The gates' steps run clips through every block: cost them as frames of the
-            # network's training step (an upper bound; only the gates get gradients).
+            # The gates' steps run clips through every block, in FP32: cost them as frames
+            # of the network's FP32 training step (an upper bound; only the gates get
+            # gradients).
             gate_frames = spec.gate_steps * clips.shape[0] * spec.clip_len
-            scale = gate_frames / spec.batch_size
-            train_s, train_j = train_s + step_s * scale, train_j + step_j * scale
+            train_s += fp32_s * gate_frames / spec.batch_size
             loss = float(np.mean([h["loss"] for h in history]))
+    train_j = train_s * power_w
     duty = duty_cycle(net, duty_x, duty_y, spec, profile, gate_state)
     state: dict[str, torch.Tensor] = OrderedDict(net.state_dict())
     state.update(gate_state)
@@ -335,6 +505,7 @@ def train_on_stream(run_config: Mapping[str, Any], pid: int, profile: DeviceProf
         "energy-j": train_j + duty["infer-energy-j"],
         "partition-id": pid,
         "measured": 0,
+        "int8": int(spec.precision == "int8" and fits),
         **duty,
     })
     return ArrayRecord(state), metrics

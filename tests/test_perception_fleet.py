@@ -3,7 +3,9 @@
 End to end on tinyfleet's engine, twice on the same static-stream fleet: with the learned
 PASS gate the devices' emulated inference time falls below that of full computation (gate
 off), the MCUs are reported as not keeping up with the frame rate, and the federated gates'
-weights change over rounds. Plus the duty cycle's cost accounting on its own.
+weights change over rounds. Plus the duty cycle's cost accounting on its own, and the INT8
+switch: the fine-tuning steps run through ``clients.int8``'s layers, are costed at the
+device's int8 throughput, and the federated arrays stay the FP32 net's.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord
 
+from clients import int8
 from clients.pass_skip import PerceptionNet
 from clients.perception_app import (
     GATE_PREFIX,
@@ -24,7 +28,12 @@ from clients.perception_app import (
     build_global_state,
     device_stream,
     duty_cycle,
+    fine_tune,
+    fine_tune_cost,
+    perception_of,
+    train_on_stream,
 )
+from devices.cost import step_time_s
 from devices.errors import ConfigError
 from devices.fleet import assign_profiles
 from devices.profiles import load_profile
@@ -126,3 +135,97 @@ def test_bad_perception_settings_are_refused() -> None:
         PerceptionSpec(stream="foggy")
     with pytest.raises(ConfigError, match="perception.train_frames"):
         PerceptionSpec(train_frames=12, clip_len=8)
+
+
+def _run_config(doc: dict[str, Any]) -> dict[str, Any]:
+    return from_doc(doc).to_run_config()
+
+
+def test_int8_fine_tuning_runs_int8_layers_and_is_costed_at_int8_throughput(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"train": 0, "eval": 0}
+    forward = int8.Int8Conv2d.forward
+
+    def spy(self: int8.Int8Conv2d, x: torch.Tensor) -> torch.Tensor:
+        calls["train" if self.training else "eval"] += 1
+        return forward(self, x)
+
+    monkeypatch.setattr(int8.Int8Conv2d, "forward", spy)
+    profile = load_profile("rpi4")
+    replies = {}
+    for precision in ("fp32", "int8"):
+        doc = _doc("threshold")
+        doc["perception"]["precision"] = precision
+        run_config = _run_config(doc)
+        spec = perception_of(run_config)[0]
+        assert spec.precision == precision
+        initial = build_global_state(spec, 3)
+        fine_tune_cost(spec)  # the cost model traces a step of its own: not counted
+        calls.update(train=0, eval=0)
+        arrays, metrics = train_on_stream(run_config, 0, profile, ArrayRecord(initial), 1)
+        replies[precision] = (spec, initial, arrays.to_torch_state_dict(), metrics)
+    spec, initial, final, metrics = replies["int8"]
+    # Every conv of every step ran as an int8 layer in training mode (5 convs per forward).
+    assert calls["train"] == 5 * spec.train_steps
+    assert metrics["int8"] == 1 and metrics["trained"] == 1
+    assert np.isfinite(metrics["train-loss"]) and metrics["train-loss"] > 0
+    # The federated arrays are the FP32 net's (LAC folded into the biases), and they moved.
+    assert set(final) == set(initial)
+    assert max(float((final[k].float() - initial[k].float()).abs().max()) for k in initial) > 1e-3
+    assert all(torch.isfinite(v.float()).all() for v in final.values())
+    # The step is costed at the int8 rate (the Pi's int8 MAC rate is twice its fp32 one).
+    step, _, fp32_step, recalibration = fine_tune_cost(spec)
+    assert {layer.dtype for layer in step.layers if layer.fwd_macs} == {"int8"}
+    assert {layer.dtype for layer in fp32_step.layers if layer.fwd_macs} == {"fp32"}
+    assert step.macs == fp32_step.macs
+    expected = step_time_s(step, profile) * spec.train_steps + step_time_s(recalibration, profile)
+    assert metrics["train-compute-s"] == pytest.approx(expected)
+    fp32_metrics = replies["fp32"][3]
+    assert fp32_metrics["int8"] == 0
+    assert metrics["train-compute-s"] < fp32_metrics["train-compute-s"]
+    # The inference after the fine-tuning is FP32 either way: same MAC rate per frame.
+    rate = profile.macs_per_s["fp32"]
+    assert metrics["infer-s"] == pytest.approx(metrics["executed-macs"] / rate)
+
+
+def test_int8_fine_tune_folds_lac_into_the_fp32_net() -> None:
+    spec = PerceptionSpec(precision="int8", **_SMALL)  # type: ignore[arg-type]
+    stream = device_stream(spec, 0, 1, 0)
+    frames = torch.from_numpy(stream.frames[: spec.train_frames])
+    labels = torch.from_numpy(stream.labels[: spec.train_frames])
+    torch.manual_seed(0)
+    net = PerceptionNet(1, 10, spec.width)
+    losses, trained = fine_tune(net, frames, labels, spec, seed=0)
+    assert len(losses) == spec.train_steps and all(np.isfinite(losses))
+    convs = [m for m in trained.modules() if isinstance(m, int8.Int8Conv2d)]
+    assert len(convs) == 5 and isinstance(trained.head[1], int8.Int8Linear)
+    assert not any(isinstance(m, int8.Int8Conv2d | int8.Int8Linear) for m in net.modules())
+    moved = max(float(m.lac[1:].abs().max()) for m in convs)  # type: ignore[index]
+    assert moved > 0  # LAC trained
+    for name, module in trained.named_modules():
+        if isinstance(module, int8.Int8Conv2d | int8.Int8Linear):
+            target = net.get_submodule(name)
+            lac = module.lac.detach()  # type: ignore[union-attr]
+            torch.testing.assert_close(target.weight, module.weight.detach())
+            torch.testing.assert_close(target.bias, module.bias.detach() + lac[0] * lac[1] + lac[2])
+
+
+def test_precision_follows_train_precision_and_bad_values_are_named() -> None:
+    doc = _doc("off")
+    doc["train"] = {"precision": "int8"}
+    assert perception_of(_run_config(doc))[0].precision == "int8"
+    doc["perception"]["precision"] = "fp32"
+    with pytest.raises(ConfigError, match=r"perception.precision: 'fp32' disagrees with "
+                                          r"train.precision 'int8'"):
+        perception_of(_run_config(doc))
+    with pytest.raises(ConfigError, match=r"perception.precision: expected one of "
+                                          r"\('fp32', 'int8'\), got 'int4'"):
+        PerceptionSpec(precision="int4")
+    bad = _doc("off")
+    bad["perception"]["precision"] = "bf16"
+    with pytest.raises(ConfigError, match="perception.precision"):
+        perception_of(_run_config(bad))
+    bad_train = _doc("off")
+    bad_train["train"] = {"precision": "int4"}
+    with pytest.raises(ConfigError, match="train.precision"):
+        from_doc(bad_train)
