@@ -480,3 +480,18 @@ def test_weights_and_qas_options_are_checked() -> None:
     with pytest.raises(ConfigError, match="int8.qas"):
         prepare(SmallCNN(), weights="fp32", qas=True)
     assert prepare(SmallCNN(), weights="int8").features[0].cfg.qas  # on by default there
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_sparse_update_after_int8_convs_trains_a_group_norm(compile_: bool) -> None:
+    # A frozen int8 conv (channels-last FP32 output) feeding a GroupNorm whose bias
+    # trains: torch's CPU GroupNorm backward crashed the process on that input, which
+    # is what every sparse update of SmallCNN past its second conv does.
+    m = prepare(SmallCNN(width=12), compile=compile_)
+    names = [n for n, _ in m.named_parameters()]
+    first = names.index("features.4.bias")
+    for i, (_, p) in enumerate(m.named_parameters()):
+        p.requires_grad_(i >= first)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    F.cross_entropy(m(x), y).backward()
+    assert m.features[4].bias.grad is not None and m.features[3].weight.grad is None

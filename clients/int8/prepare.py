@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection
+from typing import Any
 
+import torch
 from torch import nn
 
 from clients.int8 import _kernels
@@ -182,7 +184,33 @@ def prepare(
     if not inplace:
         model = copy.deepcopy(model)
     _swap(model, "", cfg, lac, kept)
+    for m in model.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.register_forward_pre_hook(_group_norm_input)
     return model
+
+
+def _group_norm_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """A contiguous copy of a channels-last GroupNorm input that needs no gradient.
+
+    The int8 convolutions return channels-last FP32 (oneDNN's layout). torch 2.13's CPU
+    GroupNorm backward crashes the process (segmentation fault) on a channels-last input
+    that needs no gradient while the norm's weight or bias does: exactly a sparse
+    update's frozen prefix followed by a trained norm. Such an input has no backward to
+    slow down, so the copy costs one pass over it in the forward.
+    """
+    x = args[0] if args else None
+    if (
+        isinstance(x, torch.Tensor)
+        and x.dim() == 4
+        and not x.requires_grad
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and torch.is_grad_enabled()
+        and any(p.requires_grad for p in module.parameters())
+    ):
+        return (x.contiguous(), *args[1:])
+    return None
 
 
 def _swap(module: nn.Module, prefix: str, cfg: Int8Config, lac: bool, kept: object) -> None:
