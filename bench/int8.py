@@ -7,7 +7,8 @@ step) is timed for three variants built from the same initial weights:
 - ``qat``: ``torch.ao.quantization.prepare_qat`` with the default QAT qconfig for x86
   (fake quantization: FP32 arithmetic with quantize-dequantize; the usual baseline);
 - ``int8``: ``clients.int8.prepare`` with its defaults (PRC and LAC on, stochastic
-  rounding, quantize ops fused with ``torch.compile`` where available).
+  rounding, quantize ops fused with ``torch.compile`` where available);
+- ``int8w``: the same with int8 weights and QAS (``prepare(weights="int8")``).
 
 Models: (a) ``small_cnn``: ``clients.models.SmallCNN`` on 8x8 digits-shaped input;
 (b) ``mlp2048``: an MLP 1536-2048-2048-16; (c) ``cnn128``: three 3x3 convolutions with 128
@@ -23,14 +24,15 @@ shared machine); the wall-clock median is reported beside it. Ratios are medians
 Memory: ``saved`` counts, with ``torch.autograd.graph.saved_tensors_hooks``, the bytes the
 converted layers (nn.Linear / nn.Conv2d and their QAT or INT8 replacements) save for
 backward during one forward, counting each storage once and not counting tensors that are
-the parameters themselves (they exist anyway). ``peak`` estimates the step's peak memory as
-parameters + gradients + momentum buffers + every tensor the whole model saves for backward
-(same rule); allocator slack and the transient buffers of a single op are not included
-(tracemalloc does not see torch's allocations and the process RSS cannot separate three
-variants in one process). The converted layers save 4x fewer bytes, but the whole model's
-estimate barely moves: in FP32 a ReLU and the next conv/linear share one saved tensor (the
-ReLU output), while with INT8 the ReLU still saves its FP32 output beside the layer's int8
-codes. Fusing the ReLU into the int8 layer (its mask from the codes' sign) would remove it.
+the parameters themselves (they exist anyway). ``peak`` is the whole step's peak memory as
+the fleet's cost model counts it (``devices.cost.training_step_cost``: weights as a
+device stores them, gradients, momentum buffers, saved activations and the largest working
+set at one op, each int8 GEMM/convolution with its rescale counted as one kernel). The
+converted layers save 4x fewer bytes, but with FP32 master weights the whole step's peak
+barely moves: the ReLU (and a norm) after a conv/linear layer keeps its FP32 tensors beside
+the layer's int8 codes, and in FP32 those are the very tensors the next layer saves.
+``int8w`` (``prepare(weights="int8")``: weights on their int8 grid, no FP32 master copy,
+QAS) is timed too; its weights count one byte each, which is where the peak falls.
 
 ``--kernels`` also times the conv weight-gradient kernels (shifted int8 GEMMs, oneDNN int8
 conv with batch and channels swapped, im2col + ``_int_mm``, FP32) at the benchmark shapes.
@@ -60,9 +62,10 @@ from torch import nn
 from clients.int8 import Int8Conv2d, Int8Linear, lac_penalty, prepare
 from clients.int8._compile import compile_log
 from clients.models import SmallCNN
+from devices.cost import training_step_cost
 
 OUT = Path(__file__).resolve().parent / "out" / "int8.json"
-VARIANTS = ["fp32", "qat", "int8"]
+VARIANTS = ["fp32", "qat", "int8", "int8w"]
 
 
 class CNN128(nn.Module):
@@ -165,16 +168,12 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[],
     return step
 
 
-def _state_bytes(model: nn.Module) -> int:
-    # parameters + gradients + momentum buffers, all FP32
-    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def _run_case(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     build, shape, classes, _ = MODELS[name]
     torch.manual_seed(0)
     base = build().train()
-    models = {"fp32": copy.deepcopy(base), "qat": _qat(base), "int8": prepare(base)}
+    models = {"fp32": copy.deepcopy(base), "qat": _qat(base), "int8": prepare(base),
+              "int8w": prepare(base, weights="int8")}
     x = torch.randn(batch, *shape)
     y = torch.randint(0, classes, (batch,))
     steps = {v: _step_fn(m, x, y) for v, m in models.items()}
@@ -203,18 +202,28 @@ def _run_case(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]
         with _count_saved(m, layers_only=False) as all_saved:
             out = m(x)
         del out
+        step = training_step_cost(m, shape, batch, optimizer="sgd", momentum=0.9,
+                                  dtype="fp32" if v in ("fp32", "qat") else "int8")
         res[v] = {
             "step_ms": 1e3 * statistics.median(cpu[v]),
             "step_ms_wall": 1e3 * statistics.median(wall[v]),
             "first_step_s": first[v],
             "saved_layer_bytes": layer_saved["bytes"],
-            "peak_est_bytes": _state_bytes(m) + all_saved["bytes"],
+            "saved_all_bytes": all_saved["bytes"],
+            "step_peak_bytes": step.peak_bytes,
+            "step_memory_bytes": {"weights": step.weight_bytes, "grads": step.grad_bytes,
+                                  "optimizer": step.optimizer_bytes,
+                                  "activations": step.activation_bytes,
+                                  "transient": step.transient_bytes},
         }
     res["speedup_vs_fp32"] = statistics.median(
         f / i for f, i in zip(cpu["fp32"], cpu["int8"], strict=True)
     )
     res["speedup_vs_qat"] = statistics.median(
         q / i for q, i in zip(cpu["qat"], cpu["int8"], strict=True)
+    )
+    res["speedup_int8w_vs_fp32"] = statistics.median(
+        f / i for f, i in zip(cpu["fp32"], cpu["int8w"], strict=True)
     )
     res["saved_ratio_vs_fp32"] = res["fp32"]["saved_layer_bytes"] / max(
         1, res["int8"]["saved_layer_bytes"]
@@ -269,7 +278,8 @@ def _kernel_table() -> list[dict[str, Any]]:
 GOALS = {"mlp2048": 2.0, "cnn128": 1.5}
 HEADER = [
     "model", "batch", "fp32 ms", "qat ms", "int8 ms", "vs fp32", "vs qat",
-    "saved fp32", "saved int8", "ratio", "peak fp32", "peak int8", "1st int8 s",
+    "saved fp32", "saved int8", "ratio", "peak fp32", "peak int8", "peak int8w",
+    "int8w ms", "1st int8 s",
 ]  # fmt: skip
 
 
@@ -284,8 +294,10 @@ def _row(r: dict[str, Any]) -> list[str]:
         f"{r['fp32']['saved_layer_bytes'] / mib:.2f}M",
         f"{r['int8']['saved_layer_bytes'] / mib:.2f}M",
         f"{r['saved_ratio_vs_fp32']:.2f}x",
-        f"{r['fp32']['peak_est_bytes'] / mib:.2f}M",
-        f"{r['int8']['peak_est_bytes'] / mib:.2f}M",
+        f"{r['fp32']['step_peak_bytes'] / mib:.2f}M",
+        f"{r['int8']['step_peak_bytes'] / mib:.2f}M",
+        f"{r['int8w']['step_peak_bytes'] / mib:.2f}M",
+        f"{r['int8w']['step_ms']:.2f}",
         f"{r['int8']['first_step_s']:.2f}",
     ]
 
