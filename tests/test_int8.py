@@ -495,3 +495,32 @@ def test_sparse_update_after_int8_convs_trains_a_group_norm(compile_: bool) -> N
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
     F.cross_entropy(m(x), y).backward()
     assert m.features[4].bias.grad is not None and m.features[3].weight.grad is None
+
+
+def test_mcu_int8_config_trains_on_mcus_only_with_int8_weights() -> None:
+    # configs/mcu-int8.toml's claim, as each device plans its step: an STM32F746 cannot
+    # hold the full FP32 step (nor INT8 with FP32 master weights), but can with int8
+    # weights; the nRF52840 then trains a sparse update.
+    from clients.client_app import _plan
+    from devices.cost import ram_needed_bytes
+    from devices.errors import BudgetError
+    from devices.profiles import load_profile
+    from sim.config import load_config
+
+    cfg = load_config("configs/mcu-int8.toml")
+    stm, nrf = load_profile("stm32f746"), load_profile("nrf52840")
+    batch = cfg.client.train.batch_size
+
+    def plan(**over: object) -> tuple[object, int]:
+        spec = cfg.with_overrides(**{f"train.{k}": v for k, v in over.items()}).client
+        trainable, cost, _ = _plan(spec, stm, batch)
+        return trainable, ram_needed_bytes(cost, stm)
+
+    for precision, weights in (("fp32", False), ("int8", False)):
+        with pytest.raises(BudgetError, match="stm32f746: one training step needs"):
+            plan(precision=precision, int8_weights=weights, on_budget="fail")
+    trainable, peak = plan(on_budget="fail")  # the config: int8 weights + QAS
+    assert trainable is None and peak <= stm.ram_bytes  # the full update fits
+    spec = cfg.client
+    trainable, cost, _ = _plan(spec, nrf, batch)
+    assert trainable is not None and ram_needed_bytes(cost, nrf) <= nrf.ram_bytes  # sparse
