@@ -378,6 +378,9 @@ def _train_cost(spec: PerceptionSpec, profile: DeviceProfile
             profile.power_compute_w, True)
 
 
+_RECALIBRATION_CHUNK = 256
+
+
 def _recalibrate(net: PerceptionNet, frames: torch.Tensor) -> None:
     """Reset every batch norm's running statistics to those of ``net`` on ``frames``.
 
@@ -394,7 +397,8 @@ def _recalibrate(net: PerceptionNet, frames: torch.Tensor) -> None:
         m.momentum = None
     net.train()
     with torch.no_grad():
-        net(frames)
+        for chunk in frames.split(_RECALIBRATION_CHUNK):  # a cumulative mean over chunks
+            net(chunk)
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     net.eval()

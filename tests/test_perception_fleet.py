@@ -38,6 +38,7 @@ from devices.errors import ConfigError
 from devices.fleet import assign_profiles
 from devices.profiles import load_profile
 from sim.config import from_doc
+from sim.perception_server import central_reference
 from sim.runner import run_experiment
 
 _SMALL = {"size": 48, "width": 16, "fps": 30.0, "duty_frames": 16, "train_frames": 16,
@@ -229,3 +230,18 @@ def test_precision_follows_train_precision_and_bad_values_are_named() -> None:
     bad_train["train"] = {"precision": "int4"}
     with pytest.raises(ConfigError, match="train.precision"):
         from_doc(bad_train)
+
+
+def test_central_reference_trains_on_the_fleets_own_training_frames() -> None:
+    doc = _doc("off")
+    run_config = _run_config(doc)
+    spec, seed, rounds = perception_of(run_config)
+    profiles = assign_profiles(doc["fleet"]["mix"], doc["fleet"]["size"], seed)
+    trainers = sum(p != "stm32f746" for p in profiles)  # the MCUs' step does not fit
+    untrained = central_reference(run_config, steps=1, batch_size=4)
+    trained = central_reference(run_config, steps=40, batch_size=16)
+    assert trained["trainers"] == untrained["trainers"] == trainers
+    assert trained["frames"] == trainers * rounds * spec.train_frames
+    assert trained["fleet_examples"] == trainers * rounds * spec.train_steps * spec.batch_size
+    assert 0.0 <= untrained["accuracy"] <= 1.0
+    assert trained["accuracy"] > untrained["accuracy"]
