@@ -423,3 +423,24 @@ def test_learned_frame_path_matches_the_clip_path() -> None:
     assert 0 < sum(gated) < 7 * sum(b.grid[0] * b.grid[1] for b in pm.patch_blocks)
     # The residual overturned the prior somewhere (so the learned part was exercised).
     assert gated != [b.executed_patches - 2 * b.grid[0] * b.grid[1] for b in prior.patch_blocks]
+
+
+def test_learned_gate_follows_changes_of_its_weights() -> None:
+    from clients.pass_skip import LearnedGate
+
+    g = torch.Generator().manual_seed(8)
+    table = torch.rand(35, 9, generator=g) * 0.05
+    gate = LearnedGate(3, 4, hidden=6, prior_tau=0.02, prior_scale=5.0, reach=1)
+    for p in gate.parameters():
+        nn.init.normal_(p, generator=g)
+    with torch.inference_mode():
+        assert len(gate.decide_cells(table, (5, 7))) > 0
+    state = gate.state_dict()
+    state["out.bias"] = torch.full((1,), -50.0)
+    gate.load_state_dict(state)  # the residual now says skip everywhere
+    with torch.inference_mode():
+        assert len(gate.decide_cells(table, (5, 7))) == 0
+    with torch.no_grad():
+        gate.out.bias.add_(100.0)  # in place, as an optimizer step: compute everywhere
+    with torch.inference_mode():
+        assert len(gate.decide_cells(table, (5, 7))) == 35

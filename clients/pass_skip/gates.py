@@ -25,6 +25,8 @@ per block the gates' Python and dispatch, not their MACs, were their cost.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -439,15 +441,93 @@ class LearnedGate(PatchGate):
         return prior.add_(u, alpha=self.residual_bound).view(-1)
 
     def decide_cells(self, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Cells with logit > 0 (``decide_table``), tested as
-        tanh(learned / b) + (scale / b) * change > (scale / b) * tau: the same decision
-        (up to rounding) in two kernels fewer."""
-        u, change = self._scaled(table, grid)
-        bar = 0.0
-        if change is not None:
-            r = self.prior_scale / self.residual_bound
-            u, bar = u.add_(change, alpha=r), r * float(self.prior_tau)  # type: ignore[arg-type]
+        """Cells with logit > 0 (``decide_table``'s decision, up to rounding), in a dozen
+        kernels: at inference the gate's cost was its number of small tensor operations
+        (each several microseconds between the patch convolutions), not its MACs.
+
+        With a prior of reach 1 (or no prior) it runs on ``_fused_weights``: the first
+        matmul also yields the prior's mean |d| column, one neighbourhood maximum serves
+        the hidden values and the prior, and the test is
+        tanh(learned / b) + (scale / b) * change > (scale / b) * tau. Other reaches take
+        ``_scaled``'s path.
+        """
+        fused = self._fused_weights()
+        if fused is None:
+            u, change = self._scaled(table, grid)
+            bar = 0.0
+            if change is not None:
+                r = self.prior_scale / self.residual_bound
+                u, bar = u.add_(change, alpha=r), r * float(self.prior_tau)  # type: ignore[arg-type]
+            return (u.view(-1) > bar).nonzero().squeeze(1)
+        w_in, b_in, w_own, w_near, b_out, pick, r, bar = fused
+        gh, gw = grid
+        k = w_in.shape[1]
+        z = torch.addmm(b_in, table, w_in).relu_()  # (cells, k): contiguous, cell-major
+        grid_view = z.as_strided((1, k, gh, gw), (gh * gw * k, 1, gw * k, k))
+        near = F.max_pool2d(grid_view, 3, 1, 1).permute(0, 2, 3, 1).reshape(gh * gw, k)
+        u = torch.addmm(b_out, z, w_own).addmm_(near, w_near)
+        if pick is not None:
+            u = u.tanh_().addmm_(near, pick, alpha=r)
         return (u.view(-1) > bar).nonzero().squeeze(1)
+
+    def _fused_weights(
+        self,
+    ) -> tuple[Any, Any, Any, Any, Any, Any, float, float] | None:
+        """``decide_cells``' operands, derived from the parameters and cached until one
+        of them is replaced or changed in place (its storage or version counter moves:
+        optimizer steps, ``load_state_dict``, in-place edits under ``no_grad``; an edit
+        through ``.data`` is invisible to it). None for a prior whose reach is not 1.
+
+        (w_in, b_in): ``point`` with one more output, the mean |d| over channels (the
+        prior's change; >= 0, so the ReLU keeps it). (w_own, w_near, b_out): ``out`` split
+        into the own and the neighbourhood half, scaled by 1 / b, zero for the change
+        column. pick: selects the change column of the neighbourhood maxima; r = scale /
+        b, bar = r * tau.
+        """
+        if self.prior_tau is not None and self.reach != 1:
+            return None
+        params = (self.point.weight, self.point.bias, self.out.weight, self.out.bias)
+        key = (self.prior_tau, self.prior_scale, self.residual_bound, self.reach) + tuple(
+            (p.data_ptr(), p._version) for p in params
+        )
+        cached = self.__dict__.get("_fused")
+        if cached is not None and cached[0] == key:
+            return cached[1]  # type: ignore[no-any-return]
+        k, c = self.hidden, self.channels
+        with torch.no_grad():
+            w, bias = self.point.weight.detach(), self.point.bias.detach()
+            w_out, b_out = self.out.weight.detach()[0], self.out.bias.detach()
+            if self.prior_tau is None:
+                fused = (
+                    w.t().contiguous(),
+                    bias.clone(),
+                    w_out[:k].reshape(k, 1).clone(),
+                    w_out[k:].reshape(k, 1).clone(),
+                    b_out.clone(),
+                    None,
+                    0.0,
+                    0.0,
+                )
+            else:
+                change = torch.zeros(1, 3 * c)
+                change[0, c : 2 * c] = 1.0 / c
+                inv = 1.0 / self.residual_bound
+                zero = torch.zeros(1)
+                pick = torch.zeros(k + 1, 1)
+                pick[k] = 1.0
+                r = self.prior_scale * inv
+                fused = (
+                    torch.cat([w, change]).t().contiguous(),
+                    torch.cat([bias, zero]),
+                    torch.cat([w_out[:k] * inv, zero]).reshape(k + 1, 1),
+                    torch.cat([w_out[k:] * inv, zero]).reshape(k + 1, 1),
+                    b_out * inv,
+                    pick,
+                    r,
+                    r * float(self.prior_tau),
+                )
+        self.__dict__["_fused"] = (key, fused)
+        return fused
 
     def macs(self, channels: int, featured: int, cells: int) -> int:
         """MAC-equivalents of one decision: pooling of each featured patch (twice: changed
