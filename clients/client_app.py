@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -168,11 +169,20 @@ def _plan(
     plan = plan_sparse_update(
         model, data.input_shape, batch, profile, weight_storage_bytes=storage, **kw
     )  # type: ignore[arg-type]
-    return plan.trainable, plan.cost, plan.summary
+    cost, summary = plan.cost, plan.summary
+    if spec.train.precision == "int8":
+        # the INT8 trace has no MACs (see _int8_cost): take them from the FP32 twin
+        cost = _int8_cost(spec, data, batch, cost, kw, trainable=plan.trainable)
+        full = _int8_cost(spec, data, batch, plan.full_cost, kw)
+        summary = re.sub(r"backward [\d.]+ M MACs \(full: [\d.]+ M\)",
+                         f"backward {cost.bwd_macs / 1e6:.1f} M MACs (full: "
+                         f"{full.bwd_macs / 1e6:.1f} M)", summary)
+    return plan.trainable, cost, summary
 
 
 def _int8_cost(
-    spec: ClientSpec, data: FleetData, batch: int, measured: StepCost, kw: dict[str, Any]
+    spec: ClientSpec, data: FleetData, batch: int, measured: StepCost, kw: dict[str, Any],
+    trainable: Collection[str] | None = None,
 ) -> StepCost:
     """An INT8 step's cost: MACs and time from the FP32 graph at INT8 throughput,
     memory from a real step of the INT8 model.
@@ -184,7 +194,8 @@ def _int8_cost(
     (int8 saved codes, FP32 master weights, gradients, optimizer state) come from
     ``measured``, the traced step of the prepared model.
     """
-    twin = training_step_cost(build_client_model(spec, data), data.input_shape, batch, **kw)
+    twin = training_step_cost(build_client_model(spec, data), data.input_shape, batch,
+                              trainable=_fp32_names(trainable), **kw)
     return dataclasses.replace(
         twin,
         activation_bytes=measured.activation_bytes,
@@ -195,7 +206,17 @@ def _int8_cost(
         optimizer_bytes=measured.optimizer_bytes,
         param_count=measured.param_count,
         trainable_param_count=measured.trainable_param_count,
+        frozen_weight_bytes=measured.frozen_weight_bytes,
+        trainable=measured.trainable,
     )
+
+
+def _fp32_names(trainable: Collection[str] | None) -> list[str] | None:
+    """The INT8 model's trainable names as the FP32 twin has them (LAC parameters, which
+    the twin lacks, dropped)."""
+    if trainable is None:
+        return None
+    return [n for n in trainable if n.rsplit(".", 1)[-1] != "lac"]
 
 
 def _weight_storage_bytes(model: nn.Module, precision: str) -> int:

@@ -524,3 +524,8 @@ def test_mcu_int8_config_trains_on_mcus_only_with_int8_weights() -> None:
     spec = cfg.client
     trainable, cost, _ = _plan(spec, nrf, batch)
     assert trainable is not None and ram_needed_bytes(cost, nrf) <= nrf.ram_bytes  # sparse
+    # the sparse INT8 step's work is the FP32 graph's for the same layers (the int8
+    # kernels are invisible to the flop counter; a plan without MACs would cost nothing)
+    fp32 = cfg.with_overrides(**{"train.precision": "fp32"}).client
+    _, fp32_cost, _ = _plan(fp32, nrf, batch)
+    assert cost.macs == fp32_cost.macs > 0
