@@ -10,7 +10,8 @@ devices' mean accuracy with PASS on their own streams), ``mac_ratio`` (mean exec
 full MACs), ``keeps_up`` (share of devices keeping up with the frame rate),
 ``frame_time_s`` (mean emulated time per frame) and ``trained`` (devices that trained).
 Per device and round (``perception_devices.csv`` in the run's output folder): its profile,
-frame time, deadline, ``keeps_up``, MAC ratio, stream accuracy and whether it trained.
+frame time, deadline, ``keeps_up``, MAC ratio, stream accuracy, whether it trained (and in
+INT8) and its training's emulated seconds.
 
 :func:`central_reference` trains the same ``PerceptionNet`` centrally on the very frames the
 fleet's devices fine-tune on, and tests it on the same held-out stream: what the fleet's
@@ -57,9 +58,9 @@ app = ServerApp()
 _SUMMARY = {"stream-acc": "device_acc", "mac-ratio": "mac_ratio", "keeps-up": "keeps_up",
             "frame-time-s": "frame_time_s", "trained": "trained"}
 
-DEVICE_COLUMNS = ("round", "partition_id", "profile", "trained", "frame_time_s", "deadline_s",
-                  "keeps_up", "mac_ratio", "executed_macs", "full_macs", "infer_s",
-                  "stream_acc", "compute_s", "energy_j")
+DEVICE_COLUMNS = ("round", "partition_id", "profile", "trained", "int8", "frame_time_s",
+                  "deadline_s", "keeps_up", "mac_ratio", "executed_macs", "full_macs", "infer_s",
+                  "stream_acc", "train_compute_s", "compute_s", "energy_j")
 """Columns of ``perception_devices.csv``."""
 
 

@@ -86,6 +86,9 @@ def test_pass_lowers_inference_time_in_the_fleet_and_gates_are_federated(
         up = "0" if gated_row["profile"] == "stm32f746" else "1"
         assert gated_row["keeps_up"] == full_row["keeps_up"] == up
         assert gated_row["profile"] == profiles[int(key[1])]
+        # The MCUs only infer: no training time; the others train, in FP32 here.
+        assert (float(gated_row["train_compute_s"]) > 0) == (gated_row["trained"] == "1")
+        assert gated_row["int8"] == "0"
     # The gates travel in the federated arrays and change over the rounds.
     spec = PerceptionSpec(stream="static", gate="learned", **_SMALL)  # type: ignore[arg-type]
     initial = build_global_state(spec, 3)
