@@ -30,9 +30,9 @@ from torch import nn
 from clients.pass_skip.gates import PatchGate
 from clients.pass_skip.geometry import BlockPlan, conv_macs, layer_spec, plan_block
 from clients.pass_skip.patches import (
-    gather_cells,
     gather_rows,
     mask_table,
+    pixel_view,
     put_rows,
     window_table,
 )
@@ -212,9 +212,11 @@ class PatchBlock(nn.Module):
         }
         # One border test per frame: the cells whose window crosses the image border at
         # any masked layer (masking a cell that does not is a multiplication by one).
-        self._border = torch.zeros(gh * gw, dtype=torch.bool)
+        border = torch.zeros(gh * gw, dtype=torch.bool)
         for _, crosses in self._masks.values():
-            self._border |= crosses
+            border |= crosses
+        self._border = frozenset(border.nonzero().view(-1).tolist())
+        self._in_pixels, self._out_pixels = pixel_view(self._buf), pixel_view(self._out_buf)
         self._empty = torch.zeros((0, co, po, po))
         self._no_cells = torch.zeros(0, dtype=torch.long)
         self.full_macs_per_frame = sum(
@@ -230,7 +232,8 @@ class PatchBlock(nn.Module):
     def run_patches(self, windows: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Run the block on gathered windows (n, C, w, w) -> output patches (n, C', p, p)."""
         h = windows
-        border = bool(self._masks) and bool(self._border.index_select(0, cells).any())
+        # (a set test on the host: cheaper here than three small tensor operations)
+        border = bool(self._border) and not self._border.isdisjoint(cells.tolist())
         for i, layer in self._steps:
             if border and i in self._masks:
                 h = h * self._masks[i][0].index_select(0, cells)
@@ -308,12 +311,15 @@ class PatchBlock(nn.Module):
         self.executed_patches += n
         if n == 0:
             return Change(self._no_cells, self._empty, self._empty)
-        windows = gather_cells(self._buf, self._in_table, cells, self.plan.in_window, self._ws_in)
+        win = self.plan.in_window
+        windows = gather_rows(
+            self._in_pixels, self._in_table.index_select(0, cells).view(-1), win, self._ws_in
+        )
         new = self.run_patches(windows, cells)
         # The output pixels of the chosen cells, looked up once for both directions.
         pixels = self._out_table.index_select(0, cells).view(-1)
-        old = gather_rows(self._out_buf, pixels, po, self._ws_old)
-        put_rows(self._out_buf, pixels, new)
+        old = gather_rows(self._out_pixels, pixels, po, self._ws_old)
+        put_rows(self._out_pixels, pixels, new)
         return Change(cells, old, new)
 
     def _dense(self, gate_macs: int) -> Change:

@@ -375,7 +375,7 @@ class LearnedGate(PatchGate):
         stacked [x, |x - prev|, (x - prev)^2] instead of three."""
         d = x - prev
         f = F.avg_pool2d(torch.cat([x, d.abs(), d.mul_(d)], dim=1), self.patch)
-        return f.reshape(f.shape[1], -1).t().contiguous()
+        return f.reshape(f.shape[1], -1).t()  # transposed: the matmuls take it as it is
 
     def static_table(self, x: torch.Tensor) -> torch.Tensor:
         """Rows (cells, 3C): each patch's mean, and zero change."""
@@ -396,10 +396,14 @@ class LearnedGate(PatchGate):
     def update_static(
         self, static: torch.Tensor, cells: torch.Tensor, new: torch.Tensor, rows: torch.Tensor
     ) -> None:
-        """Copy the rows' mean columns in place; the change columns of ``static`` are
-        zero already (as ``still_rows``, without building the rows)."""
-        c = self.channels
-        static[:, :c].index_copy_(0, cells, rows[:, :c])
+        """``still_rows`` in two operations: the rows times a constant 1/0 column mask
+        (ones on the mean columns), copied into ``static`` in place."""
+        keep = self.__dict__.get("_keep")
+        if keep is None or keep.shape[0] != rows.shape[1]:
+            keep = torch.zeros(3 * self.channels)
+            keep[: self.channels] = 1.0
+            self.__dict__["_keep"] = keep
+        static.index_copy_(0, cells, rows * keep)
 
     def _scaled(
         self, table: torch.Tensor, grid: tuple[int, int]

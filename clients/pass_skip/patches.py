@@ -36,6 +36,7 @@ __all__ = [
     "gather_rows",
     "put_cells",
     "put_rows",
+    "pixel_view",
     "mask_table",
     "chosen_cells",
 ]
@@ -61,11 +62,19 @@ def pad_map(x: torch.Tensor, patch: int, window: int, halo: int) -> torch.Tensor
 
 
 def _pixels(buf: torch.Tensor) -> torch.Tensor:
-    """A (H*W, C) view of a channels-last (1, C, H, W) tensor."""
+    """A (H*W, C) view of a channels-last (1, C, H, W) tensor (a 2-D one: as it is)."""
+    if buf.dim() == 2:
+        return buf
     _, c, h, w = buf.shape
     if not buf.is_contiguous(memory_format=_CL):
         raise ValueError("patch maps must be channels-last contiguous")
     return buf.permute(0, 2, 3, 1).view(h * w, c)
+
+
+def pixel_view(buf: torch.Tensor) -> torch.Tensor:
+    """The (H*W, C) view of a channels-last (1, C, H, W) map that the functions here
+    gather from and write into (in place, it aliases ``buf``)."""
+    return _pixels(buf)
 
 
 def window_table(
@@ -129,7 +138,8 @@ def gather_rows(
     buf: torch.Tensor, pixels: torch.Tensor, window: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``gather_cells`` from the flat pixel indices (n * window * window,) of the chosen
-    cells' windows (their ``window_table`` rows, concatenated)."""
+    cells' windows (their ``window_table`` rows, concatenated). ``buf`` may also be its
+    (H*W, C) pixel view (``pixel_view``), which saves two view operations per call."""
     c = buf.shape[1]
     if out is None:
         taken = _pixels(buf).index_select(0, pixels)
@@ -139,7 +149,8 @@ def gather_rows(
 
 
 def put_rows(buf: torch.Tensor, pixels: torch.Tensor, values: torch.Tensor) -> None:
-    """``put_cells`` to the flat pixel indices of the patches (as ``gather_rows``)."""
+    """``put_cells`` to the flat pixel indices of the patches (``buf`` as in
+    ``gather_rows``)."""
     n, c, p, _ = values.shape
     src = values.permute(0, 2, 3, 1).reshape(n * p * p, c)
     _pixels(buf).index_copy_(0, pixels, src)
