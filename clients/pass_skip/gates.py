@@ -466,13 +466,17 @@ class LearnedGate(PatchGate):
         w_in, b_in, w_own, w_near, b_out, pick, r, bar = fused
         gh, gw = grid
         k = w_in.shape[1]
+        cells = gh * gw
         z = torch.addmm(b_in, table, w_in).relu_()  # (cells, k): contiguous, cell-major
-        grid_view = z.as_strided((1, k, gh, gw), (gh * gw * k, 1, gw * k, k))
-        near = F.max_pool2d(grid_view, 3, 1, 1).permute(0, 2, 3, 1).reshape(gh * gw, k)
-        u = torch.addmm(b_out, z, w_own).addmm_(near, w_near)
+        pooled = F.max_pool2d(z.as_strided((1, k, gh, gw), (cells * k, 1, gw * k, k)), 3, 1, 1)
+        if pooled.is_contiguous(memory_format=torch.channels_last):
+            near = pooled.as_strided((cells, k), (k, 1))  # cell-major already
+        else:
+            near = pooled.permute(0, 2, 3, 1).reshape(cells, k)
+        u = torch.addmv(b_out, z, w_own).addmv_(near, w_near)  # (cells,)
         if pick is not None:
-            u = u.tanh_().addmm_(near, pick, alpha=r)
-        return (u.view(-1) > bar).nonzero().squeeze(1)
+            u = u.tanh_().addmv_(near, pick, alpha=r)
+        return (u > bar).nonzero().view(-1)
 
     def _fused_weights(
         self,
@@ -490,10 +494,14 @@ class LearnedGate(PatchGate):
         """
         if self.prior_tau is not None and self.reach != 1:
             return None
-        params = (self.point.weight, self.point.bias, self.out.weight, self.out.bias)
-        key = (self.prior_tau, self.prior_scale, self.residual_bound, self.reach) + tuple(
-            (p.data_ptr(), p._version) for p in params
-        )
+        # (through the modules' dicts: nn.Module attribute lookups cost more, per call)
+        point, out = self._modules["point"]._parameters, self._modules["out"]._parameters
+        w, b, ow, ob = point["weight"], point["bias"], out["weight"], out["bias"]
+        key = (
+            w.data_ptr(), w._version, b.data_ptr(), b._version,
+            ow.data_ptr(), ow._version, ob.data_ptr(), ob._version,
+            self.prior_tau, self.prior_scale, self.residual_bound, self.reach,
+        )  # fmt: skip
         cached = self.__dict__.get("_fused")
         if cached is not None and cached[0] == key:
             return cached[1]  # type: ignore[no-any-return]
@@ -505,8 +513,8 @@ class LearnedGate(PatchGate):
                 fused = (
                     w.t().contiguous(),
                     bias.clone(),
-                    w_out[:k].reshape(k, 1).clone(),
-                    w_out[k:].reshape(k, 1).clone(),
+                    w_out[:k].clone(),
+                    w_out[k:].clone(),
                     b_out.clone(),
                     None,
                     0.0,
@@ -517,14 +525,14 @@ class LearnedGate(PatchGate):
                 change[0, c : 2 * c] = 1.0 / c
                 inv = 1.0 / self.residual_bound
                 zero = torch.zeros(1)
-                pick = torch.zeros(k + 1, 1)
+                pick = torch.zeros(k + 1)
                 pick[k] = 1.0
                 r = self.prior_scale * inv
                 fused = (
                     torch.cat([w, change]).t().contiguous(),
                     torch.cat([bias, zero]),
-                    torch.cat([w_out[:k] * inv, zero]).reshape(k + 1, 1),
-                    torch.cat([w_out[k:] * inv, zero]).reshape(k + 1, 1),
+                    torch.cat([w_out[:k] * inv, zero]),
+                    torch.cat([w_out[k:] * inv, zero]),
                     b_out * inv,
                     pick,
                     r,
