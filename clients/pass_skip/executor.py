@@ -115,6 +115,7 @@ class PatchBlock(nn.Module):
         self.gate: PatchGate = gate
         self.dense_above = float(dense_above)
         self.plan: BlockPlan = plan_block(specs, in_patch // stride)
+        self._patch_macs = self.plan.patch_macs()
         self.patch_layers = nn.ModuleList(
             [PatchConv(m) if isinstance(m, nn.Conv2d) else m for m in block]
         )
@@ -257,11 +258,18 @@ class PatchBlock(nn.Module):
         else:  # cached feature rows; a block comparing whole maps does not read them
             self._static = self.gate.static_table(x)
         self._ready = True
-        self.total_patches += gh * gw
-        self.full_macs += self.full_macs_per_frame
-        self.executed_macs += self.full_macs_per_frame
-        self.executed_patches += gh * gw
+        self._count(gh * gw, self.full_macs_per_frame, gh * gw, self.full_macs_per_frame, 0)
         return out
+
+    def _count(self, total: int, full: int, executed: int, macs: int, gate: int) -> None:
+        """Add to the counters (through ``__dict__``: ``nn.Module.__setattr__``, which a
+        plain ``+=`` goes through, cost more per frame than several tensor operations)."""
+        d = self.__dict__
+        d["total_patches"] += total
+        d["full_macs"] += full
+        d["executed_patches"] += executed
+        d["executed_macs"] += macs
+        d["gate_macs"] += gate
 
     def step(self, change: Change | None) -> Change:
         """Process a non-key frame whose input is already in ``input_view``.
@@ -301,14 +309,11 @@ class PatchBlock(nn.Module):
         cells = gate.decide_cells(features, self._grid)
         n = int(cells.numel())
         gate_macs = int(gate.macs(self._shape[0] if self._shape else 0, featured, gh * gw))
-        self.gate_macs += gate_macs
-        self.total_patches += gh * gw
-        self.full_macs += self.full_macs_per_frame
         po = self.plan.out_patch
         if n > self.dense_above * gh * gw:
             return self._dense(gate_macs)
-        self.executed_macs += gate_macs + n * self.plan.patch_macs()
-        self.executed_patches += n
+        macs = gate_macs + n * self._patch_macs
+        self._count(gh * gw, self.full_macs_per_frame, n, macs, gate_macs)
         if n == 0:
             return Change(self._no_cells, self._empty, self._empty)
         win = self.plan.in_window
@@ -327,7 +332,7 @@ class PatchBlock(nn.Module):
         gh, gw = self._grid
         out = self.block(self._x)
         self._out.copy_(out)
-        self.executed_macs += gate_macs + self.full_macs_per_frame
-        self.executed_patches += gh * gw
+        full = self.full_macs_per_frame
+        self._count(gh * gw, full, gh * gw, gate_macs + full, gate_macs)
         empty = out.new_zeros((0,))
         return Change(torch.arange(gh * gw), empty, empty, out)

@@ -301,6 +301,11 @@ class LearnedGate(PatchGate):
         drift, jitter), never for a large change such as a moving or switching object. A
         free residual learned, from brief training on small frames, to skip patches the
         static test stream needed (up to 6.6 points of accuracy lost on one seed).
+
+    Training (``forward`` on whole maps, Gumbel noise and a straight-through estimator
+    in ``PassModel.forward_clip``) and inference (``decide_cells``: the same logit,
+    thresholded at 0) share these parameters; the inference path only regroups the
+    arithmetic into fewer tensor operations (see ``decide_cells``).
     """
 
     def __init__(

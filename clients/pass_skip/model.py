@@ -191,10 +191,11 @@ class PassModel(nn.Module):
             out = self.head(self._final)
             if self._head_macs is None:
                 self._head_macs = _head_macs(self.head, self._final)
-        self.head_macs += self._head_macs
-        self.frames += 1
-        self.keyframes += int(keyframe)
-        self._since_reset += 1
+        d = self.__dict__  # plain counters: around nn.Module.__setattr__ (see PatchBlock)
+        d["head_macs"] += self._head_macs
+        d["frames"] += 1
+        d["keyframes"] += int(keyframe)
+        d["_since_reset"] += 1
         return out
 
     def _bind(self, frame: torch.Tensor) -> None:
