@@ -125,8 +125,9 @@ class PatchBlock(nn.Module):
             if i > 0 and lp.spec.kind == "conv" and lp.spec.padding > 0
         ]
         # What run_patches calls: no Identity (a folded batch norm), ReLU as a function
-        # (in place after the first layer: it then acts on a fresh intermediate), the
-        # rest as modules (so hooks on a PatchConv see every executed batch).
+        # (in place after the first layer: it then acts on a fresh intermediate), a
+        # PatchConv as a module (so hooks on it see every executed batch), other layers
+        # by their forward (a module call's hook machinery cost more than a pooling).
         self._steps: list[tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = []
         for i, m in enumerate(self.patch_layers):
             if isinstance(m, nn.Identity):
@@ -134,7 +135,7 @@ class PatchBlock(nn.Module):
             if type(m) is nn.ReLU:
                 self._steps.append((i, torch.relu_ if self._steps else torch.relu))
             else:
-                self._steps.append((i, m))
+                self._steps.append((i, m if isinstance(m, PatchConv) else m.forward))
         self._shape: tuple[int, int, int] | None = None
         self._grid = (0, 0)
         self.full_macs_per_frame = 0
