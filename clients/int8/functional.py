@@ -26,12 +26,13 @@ from clients.int8 import _kernels
 from clients.int8._compile import fused, one_kernel
 from clients.int8.quant import (
     new_seed,
+    project_to_grid,
     quantize_backward,
     quantize_backward_both,
     quantize_forward,
 )
 
-__all__ = ["Int8Config", "int8_linear", "int8_conv2d", "lac_bias"]
+__all__ = ["Int8Config", "int8_linear", "int8_conv2d", "lac_bias", "grid_weight"]
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,23 @@ def _bias_grads(
     if lac is not None and ctx.needs_input_grad[i + 1]:
         dlac = torch.stack([db * lac[1], db * lac[0], db])
     return dbias, dlac
+
+
+def _q_grid(
+    w: torch.Tensor, stochastic: bool, per_channel: bool, seed: torch.Tensor | None
+) -> torch.Tensor:
+    """``w`` (``(O, -1)``) on its int8 grid, ``s * q`` (see :func:`project_to_grid`)."""
+    return project_to_grid(w, stochastic=stochastic, channel_dim=0 if per_channel else None,
+                           seed=seed)
+
+
+def grid_weight(w: torch.Tensor, cfg: Int8Config, stochastic: bool) -> torch.Tensor:
+    """The weight projected onto its int8 grid (fused like the other quantize ops)."""
+    flat = w.detach().reshape(w.shape[0], -1)
+    seed = new_seed() if cfg.compile and stochastic else None
+    name = "project_grid_sr" if stochastic else "project_grid_nearest"
+    out = _f(name, _q_grid, cfg)(flat, stochastic, cfg.per_channel, seed)
+    return out.view(w.shape)  # type: ignore[no-any-return]
 
 
 def _needs_sw(cfg: Int8Config) -> bool:

@@ -31,14 +31,14 @@ in-place int8 update does.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
 
 from clients.int8._compile import one_kernel
-from clients.int8.functional import Int8Config, int8_conv2d, int8_linear, lac_bias
-from clients.int8.quant import project_to_grid
+from clients.int8.functional import Int8Config, grid_weight, int8_conv2d, int8_linear, lac_bias
 
 __all__ = ["Int8Linear", "Int8Conv2d", "lac_penalty"]
 
@@ -62,9 +62,9 @@ class _LACPenalty(torch.autograd.Function):
         return tuple(grads)
 
 
-def _project(w: torch.Tensor, stochastic: bool, channel_dim: int | None) -> None:
+def _project(w: torch.Tensor, cfg: Int8Config, stochastic: bool) -> None:
     with torch.no_grad():
-        w.copy_(project_to_grid(w.detach(), stochastic=stochastic, channel_dim=channel_dim))
+        w.copy_(grid_weight(w, cfg, stochastic))
 
 
 #: Under the cost model's tracer the projection is weight-storage upkeep done in place,
@@ -113,11 +113,17 @@ class _LAC:
         self._project_weight()
 
     def _project_weight(self) -> None:
-        """Put the weight on its int8 grid, in place (stochastic rounding in training)."""
+        """Put the weight on its int8 grid, in place (stochastic rounding in training),
+        unless it is unchanged since the last projection (same tensor, same version)."""
         cfg: Int8Config = getattr(self, "cfg")  # noqa: B009 - set by from_float
-        if cfg.int8_weights:
-            _project_in_place(getattr(self, "weight"), bool(getattr(self, "training", True)),  # noqa: B009
-                              0 if cfg.per_channel else None)
+        if not cfg.int8_weights:
+            return
+        w: torch.Tensor = getattr(self, "weight")  # noqa: B009
+        seen = getattr(self, "_grid_seen", None)
+        if seen is not None and seen[0]() is w and seen[1] == w._version:
+            return
+        _project_in_place(w, cfg, bool(getattr(self, "training", True)))  # noqa: B009
+        object.__setattr__(self, "_grid_seen", (weakref.ref(w), w._version))
 
     def _effective_bias(self) -> torch.Tensor | None:
         """``bias + alpha * mu + o`` (what export stores; training folds it in-kernel)."""

@@ -198,7 +198,11 @@ def _backward_levels(
 
 
 def project_to_grid(
-    w: torch.Tensor, *, stochastic: bool = True, channel_dim: int | None = None
+    w: torch.Tensor,
+    *,
+    stochastic: bool = True,
+    channel_dim: int | None = None,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``w`` on its int8 grid, ``s * q`` with ``q = quantize_forward(w)``: the weight a
     device that stores int8 weights holds after an update.
@@ -208,6 +212,6 @@ def project_to_grid(
     that integer), so projecting after every step and again before a read is safe.
     Stochastic rounding keeps updates smaller than one grid step alive in expectation.
     """
-    q, s = quantize_forward(w, stochastic=stochastic, channel_dim=channel_dim)
+    q, s = quantize_forward(w, stochastic=stochastic, channel_dim=channel_dim, seed=seed)
     return q.to(w.dtype) * s
 
