@@ -15,6 +15,12 @@ hands the next one a ``Change``: which cells it rewrote, with their old and new 
 the next gate computes its per-patch features only there (elsewhere the input is bit-for-
 bit unchanged; their features are cached). Without that (the first block, or grids that
 do not line up) the block keeps a copy of its previous input and compares whole maps.
+
+Per gated frame a block runs some 40 small tensor operations besides its convolutions,
+and between the patch convolutions each cost several microseconds (cold caches), as did
+Python around them (``nn.Module`` attribute writes and calls): hence the host-side border
+test, the cached pixel views and index tables, counters written through ``__dict__`` and
+the gates' ``decide_cells``.
 """
 
 from __future__ import annotations
