@@ -24,7 +24,6 @@ unless ``train.on_budget = "sparse"``, in which case only the layers that fit tr
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from collections.abc import Collection, Mapping
@@ -50,6 +49,7 @@ from devices.cost import (
     plan_sparse_update,
     step_time_s,
     training_step_cost,
+    with_memory_of,
 )
 from devices.errors import BudgetError
 from devices.fleet import assign_profiles
@@ -196,19 +196,7 @@ def _int8_cost(
     """
     twin = training_step_cost(build_client_model(spec, data), data.input_shape, batch,
                               trainable=_fp32_names(trainable), **kw)
-    return dataclasses.replace(
-        twin,
-        activation_bytes=measured.activation_bytes,
-        transient_bytes=measured.transient_bytes,
-        peak_bytes=measured.peak_bytes,
-        weight_bytes=measured.weight_bytes,
-        grad_bytes=measured.grad_bytes,
-        optimizer_bytes=measured.optimizer_bytes,
-        param_count=measured.param_count,
-        trainable_param_count=measured.trainable_param_count,
-        frozen_weight_bytes=measured.frozen_weight_bytes,
-        trainable=measured.trainable,
-    )
+    return with_memory_of(twin, measured)
 
 
 def _fp32_names(trainable: Collection[str] | None) -> list[str] | None:

@@ -73,6 +73,7 @@ from devices.cost import (
     inference_cost,
     step_time_s,
     training_step_cost,
+    with_memory_of,
 )
 from devices.errors import BudgetError, ConfigError, DataError
 from devices.profiles import DeviceProfile
@@ -315,12 +316,6 @@ def duty_cycle(net: PerceptionNet, frames: torch.Tensor, labels: torch.Tensor,
     }
 
 
-_INT8_MEASURED = ("activation_bytes", "transient_bytes", "peak_bytes", "weight_bytes",
-                  "grad_bytes", "optimizer_bytes", "param_count", "trainable_param_count")
-"""The memory terms of an INT8 step taken from the traced step of the prepared model (the
-rest, MACs and layers, from its FP32 twin at the int8 rate), as ``clients.client_app``."""
-
-
 def _int8_prepare(net: PerceptionNet) -> nn.Module:
     from clients import int8
 
@@ -360,8 +355,7 @@ def fine_tune_cost(spec: PerceptionSpec) -> tuple[StepCost, int, StepCost, StepC
                                           dtype="int8")
             twin = training_step_cost(net, shape, spec.batch_size, optimizer="adam",
                                       dtype="int8")
-            step = dataclasses.replace(
-                twin, **{name: getattr(measured, name) for name in _INT8_MEASURED})
+            step = with_memory_of(twin, measured)
             storage = int(int8.exported_size_bytes(int8.export(prepared)))
     return step, storage, fp32, recalibration
 

@@ -41,6 +41,7 @@ fold; see :func:`cost_cache_info`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Collection
@@ -80,6 +81,7 @@ __all__ = [
     "step_energy_j",
     "step_time_s",
     "training_step_cost",
+    "with_memory_of",
 ]
 
 # optimizer -> (state buffers per trainable parameter with momentum 0, with momentum > 0)
@@ -477,6 +479,24 @@ def training_step_cost(
     return _measured(model, shape, batch_size, kind="training",
                      trainable=_resolve_trainable(model, trainable), optimizer=optimizer,
                      momentum=momentum, dtype=dtype, num_classes=num_classes)
+
+
+#: The terms of a :class:`StepCost` that say what memory the step holds (and of which
+#: parameters), as opposed to what work it does.
+_MEMORY_TERMS = ("activation_bytes", "transient_bytes", "peak_bytes", "weight_bytes",
+                 "grad_bytes", "optimizer_bytes", "param_count", "trainable_param_count",
+                 "frozen_weight_bytes", "trainable")
+
+
+def with_memory_of(work: StepCost, memory: StepCost) -> StepCost:
+    """A step that does ``work``'s work (layers, MACs, bytes moved: its time and energy)
+    and holds ``memory``'s memory.
+
+    For a model whose kernels the flop counter cannot see (the int8 GEMMs and convolutions
+    of ``clients.int8``): ``work`` is the traced FP32 twin with ``dtype="int8"``, ``memory``
+    the traced step of the converted model, which holds int8 codes.
+    """
+    return dataclasses.replace(work, **{name: getattr(memory, name) for name in _MEMORY_TERMS})
 
 
 def inference_cost(

@@ -446,6 +446,7 @@ class LearnedGate(PatchGate):
         u, change = self._scaled(table, grid)
         if change is None:
             return u.view(-1)
+        assert self.prior_tau is not None  # _scaled returns a change column only with a prior
         prior = (change - self.prior_tau).mul_(self.prior_scale)
         return prior.add_(u, alpha=self.residual_bound).view(-1)
 
@@ -500,7 +501,8 @@ class LearnedGate(PatchGate):
         if self.prior_tau is not None and self.reach != 1:
             return None
         # (through the modules' dicts: nn.Module attribute lookups cost more, per call)
-        point, out = self._modules["point"]._parameters, self._modules["out"]._parameters
+        modules: dict[str, Any] = self._modules
+        point, out = modules["point"]._parameters, modules["out"]._parameters
         w, b, ow, ob = point["weight"], point["bias"], out["weight"], out["bias"]
         key = (
             w.data_ptr(), w._version, b.data_ptr(), b._version,
@@ -514,6 +516,7 @@ class LearnedGate(PatchGate):
         with torch.no_grad():
             w, bias = self.point.weight.detach(), self.point.bias.detach()
             w_out, b_out = self.out.weight.detach()[0], self.out.bias.detach()
+            fused: tuple[Any, Any, Any, Any, Any, Any, float, float]
             if self.prior_tau is None:
                 fused = (
                     w.t().contiguous(),
