@@ -72,6 +72,13 @@ def _project(w: torch.Tensor, cfg: Int8Config, stochastic: bool) -> None:
 _project_in_place = one_kernel(_project)
 
 
+#: Per int8-weight layer, the weight tensor and version last projected: kept outside the
+#: module so that it pickles (``torch.save(model)``) and deep-copies as any module does.
+_GRID_SEEN: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[torch.Tensor], int]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _project_before_read(module: nn.Module, prefix: str, keep_vars: bool) -> None:
     """``state_dict`` pre-hook: what is read (sent, saved) is the on-grid weight."""
     getattr(module, "_project_weight")()  # noqa: B009
@@ -119,11 +126,11 @@ class _LAC:
         if not cfg.int8_weights:
             return
         w: torch.Tensor = getattr(self, "weight")  # noqa: B009
-        seen = getattr(self, "_grid_seen", None)
+        seen = _GRID_SEEN.get(self)
         if seen is not None and seen[0]() is w and seen[1] == w._version:
             return
         _project_in_place(w, cfg, bool(getattr(self, "training", True)))  # noqa: B009
-        object.__setattr__(self, "_grid_seen", (weakref.ref(w), w._version))
+        _GRID_SEEN[self] = (weakref.ref(w), w._version)
 
     def _effective_bias(self) -> torch.Tensor | None:
         """``bias + alpha * mu + o`` (what export stores; training folds it in-kernel)."""
