@@ -116,16 +116,12 @@ def one_kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` as is, except under a dispatch mode, where it runs as one kernel: the
     tracer sees its outputs only.
 
-    For the int8 GEMM and convolution kernels with their FP32 rescale: a device's kernel
+    For the quantize functions when they run uncompiled, and for the int8 GEMM and
+    convolution kernels with their FP32 rescale: a device's kernel
     (CMSIS-NN, TinyEngine, oneDNN) rescales each int32 accumulator tile in its epilogue and
     never holds the whole int32 result (nor a whole im2col buffer) that the host's
     composition of ``_int_mm``, casts and multiplies does.
     """
-    return _opaque_to_tracers(fn)
-
-
-def _opaque_to_tracers(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` as is, except under a dispatch mode, where it runs as one kernel."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
 
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -146,7 +142,7 @@ def fused(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any
     warning.
     """
     if not enabled or name in _failed:
-        return _opaque_to_tracers(fn)
+        return one_kernel(fn)
     key = (name, fn)
     if key not in _compiled:
         import torch
