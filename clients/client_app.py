@@ -25,8 +25,7 @@ unless ``train.on_budget = "sparse"``, in which case only the layers that fit tr
 from __future__ import annotations
 
 import functools
-import re
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -116,7 +115,7 @@ def build_training_model(spec: ClientSpec) -> nn.Module:
     """The model as devices train it (INT8-prepared when configured): the server builds
     its initial global model with this too, so both sides hold the same state-dict keys."""
     model = build_client_model(spec, fleet_data(spec))
-    return _prepare_precision(model, spec.train.precision, spec.train)
+    return _prepare_precision(model, spec.train)
 
 
 def int8_options(train: TrainSpec) -> dict[str, Any]:
@@ -130,13 +129,11 @@ def int8_options(train: TrainSpec) -> dict[str, Any]:
     }
 
 
-def _prepare_precision(
-    model: nn.Module, precision: str, train: TrainSpec | None = None
-) -> nn.Module:
-    if precision == "int8":
+def _prepare_precision(model: nn.Module, train: TrainSpec) -> nn.Module:
+    if train.precision == "int8":
         from clients import int8
 
-        return int8.prepare(model, **(int8_options(train) if train is not None else {}))
+        return int8.prepare(model, **int8_options(train))
     return model
 
 
@@ -150,7 +147,7 @@ def _plan(
     profile, and counting a step is several times slower than running one.
     """
     data = fleet_data(spec)
-    model = _prepare_precision(build_client_model(spec, data), spec.train.precision, spec.train)
+    model = _prepare_precision(build_client_model(spec, data), spec.train)
     kw = {
         "optimizer": spec.train.optimizer,
         "momentum": spec.train.momentum,
@@ -166,23 +163,17 @@ def _plan(
     except BudgetError:
         if spec.train.on_budget != "sparse":
             raise
+    # INT8: the work of each plan from the FP32 twin (see _int8_cost)
+    work = build_client_model(spec, data) if spec.train.precision == "int8" else None
     plan = plan_sparse_update(
-        model, data.input_shape, batch, profile, weight_storage_bytes=storage, **kw
+        model, data.input_shape, batch, profile, weight_storage_bytes=storage,
+        work_model=work, **kw
     )  # type: ignore[arg-type]
-    cost, summary = plan.cost, plan.summary
-    if spec.train.precision == "int8":
-        # the INT8 trace has no MACs (see _int8_cost): take them from the FP32 twin
-        cost = _int8_cost(spec, data, batch, cost, kw, trainable=plan.trainable)
-        full = _int8_cost(spec, data, batch, plan.full_cost, kw)
-        summary = re.sub(r"backward [\d.]+ M MACs \(full: [\d.]+ M\)",
-                         f"backward {cost.bwd_macs / 1e6:.1f} M MACs (full: "
-                         f"{full.bwd_macs / 1e6:.1f} M)", summary)
-    return plan.trainable, cost, summary
+    return plan.trainable, plan.cost, plan.summary
 
 
 def _int8_cost(
-    spec: ClientSpec, data: FleetData, batch: int, measured: StepCost, kw: dict[str, Any],
-    trainable: Collection[str] | None = None,
+    spec: ClientSpec, data: FleetData, batch: int, measured: StepCost, kw: dict[str, Any]
 ) -> StepCost:
     """An INT8 step's cost: MACs and time from the FP32 graph at INT8 throughput,
     memory from a real step of the INT8 model.
@@ -194,17 +185,8 @@ def _int8_cost(
     (int8 saved codes, FP32 master weights, gradients, optimizer state) come from
     ``measured``, the traced step of the prepared model.
     """
-    twin = training_step_cost(build_client_model(spec, data), data.input_shape, batch,
-                              trainable=_fp32_names(trainable), **kw)
+    twin = training_step_cost(build_client_model(spec, data), data.input_shape, batch, **kw)
     return with_memory_of(twin, measured)
-
-
-def _fp32_names(trainable: Collection[str] | None) -> list[str] | None:
-    """The INT8 model's trainable names as the FP32 twin has them (LAC parameters, which
-    the twin lacks, dropped)."""
-    if trainable is None:
-        return None
-    return [n for n in trainable if n.rsplit(".", 1)[-1] != "lac"]
 
 
 def _weight_storage_bytes(model: nn.Module, precision: str) -> int:

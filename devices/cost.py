@@ -695,6 +695,7 @@ def plan_sparse_update(
     num_classes: int | None = None,
     ram_budget_bytes: int | None = None,
     weight_storage_bytes: int | None = None,
+    work_model: nn.Module | None = None,
 ) -> SparsePlan:
     """Choose which parameters train so that one step fits the device's RAM.
 
@@ -715,6 +716,12 @@ def plan_sparse_update(
         RAM available to training; default ``profile.ram_bytes``.
     weight_storage_bytes : int, optional
         Bytes the weights take in storage (see :func:`check_fit`).
+    work_model : nn.Module, optional
+        A model with the same layers whose graph gives the step's work, for a ``model``
+        whose kernels the flop counter cannot see (``clients.int8``: its FP32 twin). The
+        plan is chosen on ``model``'s memory; the full and the chosen step are then costed
+        :func:`with_memory_of` the twin's step with the same trainable parameters (those
+        the twin has).
 
     Raises
     ------
@@ -730,7 +737,17 @@ def plan_sparse_update(
                                   optimizer=optimizer, momentum=momentum, dtype=dtype,
                                   num_classes=num_classes)
 
-    full = cost_of([n for n, _ in model.named_parameters()])
+    def with_work(cost: StepCost) -> StepCost:
+        if work_model is None:
+            return cost
+        names = {n for n, _ in work_model.named_parameters()}
+        work = training_step_cost(work_model, input_shape, batch_size,
+                                  trainable=[n for n in cost.trainable if n in names],
+                                  optimizer=optimizer, momentum=momentum, dtype=dtype,
+                                  num_classes=num_classes)
+        return with_memory_of(work, cost)
+
+    full = with_work(cost_of([n for n, _ in model.named_parameters()]))
     storage = _fit_problems(full, profile, 2**62, weight_storage_bytes)
     if storage:
         raise BudgetError(f"{profile.name}: {storage[0]}; no sparse update can fix that")
@@ -776,7 +793,7 @@ def plan_sparse_update(
     k_bias = _largest(len(bias_layers), lambda k: fits(head | bias_set(k)))
     base = head | bias_set(k_bias)
     k_weight = _largest(len(layers), lambda k: fits(base | weight_set(k)))
-    chosen = cost_of(base | weight_set(k_weight))
+    chosen = with_work(cost_of(base | weight_set(k_weight)))
     summary = (
         f"{profile.name}: sparse update trains the biases of the last {k_bias} of "
         f"{len(bias_layers)} biased layers and all parameters of the last {k_weight} of "
