@@ -51,7 +51,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -63,6 +62,7 @@ from clients.pass_skip import (
     PerceptionNet,
     prepare,
     train_gates,
+    train_perception,
 )
 from clients.spec import expand_run_config, unflatten
 from clients.video import HIGH_MOTION, STATIC_BACKGROUND, VideoStream, generate_stream
@@ -75,7 +75,7 @@ from devices.cost import (
     training_step_cost,
     with_memory_of,
 )
-from devices.errors import BudgetError, ConfigError, DataError
+from devices.errors import BudgetError, ConfigError
 from devices.profiles import DeviceProfile
 
 __all__ = [
@@ -423,14 +423,10 @@ def fine_tune(net: PerceptionNet, frames: torch.Tensor, labels: torch.Tensor,
     that ran the steps (``net`` itself in FP32, its ``clients.int8``-prepared copy in
     INT8, whose weights, LAC folded in, are then copied back into ``net``).
 
-    ``train_steps`` Adam steps on random batches of ``batch_size`` labelled frames (the
-    sampling of ``clients.pass_skip.train_perception``), the LAC penalty added under INT8;
+    ``train_steps`` Adam steps on random batches of ``batch_size`` labelled frames
+    (``clients.pass_skip.train_perception``), the LAC penalty added under INT8;
     then :func:`_recalibrate` on the frames, in FP32, as the net will infer.
     """
-    keep = labels >= 0
-    x, y = frames[keep], labels[keep]
-    if x.shape[0] == 0:
-        raise DataError("frames/labels: need labelled frames to fine-tune on")
     int8_mode = spec.precision == "int8"
     model: nn.Module = _int8_prepare(net) if int8_mode else net
     extra = None
@@ -438,23 +434,12 @@ def fine_tune(net: PerceptionNet, frames: torch.Tensor, labels: torch.Tensor,
         from clients import int8
 
         extra = int8.lac_penalty
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
-    model.train()
-    losses: list[float] = []
-    for _ in range(spec.train_steps):
-        idx = torch.randint(0, x.shape[0], (spec.batch_size,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        if extra is not None:
-            loss = loss + extra(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    model.eval()
+    losses = train_perception(model, frames, labels, steps=spec.train_steps,
+                              batch_size=spec.batch_size, lr=spec.lr, seed=seed,
+                              extra_loss=extra)
     if int8_mode:
         _fold_int8(model, net)
-    _recalibrate(net, x)
+    _recalibrate(net, frames[labels >= 0])
     return losses, model
 
 

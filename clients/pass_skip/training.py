@@ -9,6 +9,8 @@ skipping does not hurt the task.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,8 +37,11 @@ def train_perception(
     batch_size: int = 32,
     lr: float = 2e-3,
     seed: int = 0,
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> list[float]:
     """Train a per-frame classifier with Adam on (N, C, H, W) frames; returns the losses.
+
+    ``extra_loss(model)`` is added to each step's loss (e.g. ``clients.int8.lac_penalty``).
 
     Raises
     ------
@@ -55,6 +60,8 @@ def train_perception(
     for _ in range(steps):
         idx = torch.randint(0, frames.shape[0], (batch_size,), generator=gen)
         loss = F.cross_entropy(model(frames[idx]), labels[idx])
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
         opt.zero_grad()
         loss.backward()
         opt.step()
