@@ -189,16 +189,6 @@ class PatchGate(nn.Module):
         if still is not None:
             static.index_copy_(0, cells, still)
 
-    def _neighbours(self, grid: tuple[int, int], reach: int) -> torch.Tensor:
-        """Cached ``neighbour_table`` (a plain dict attribute: not state to save)."""
-        cache: dict[tuple[int, int, int], torch.Tensor] = self.__dict__.setdefault(
-            "_neighbour_cache", {}
-        )
-        key = (grid[0], grid[1], reach)
-        if key not in cache:
-            cache[key] = neighbour_table(grid, reach)
-        return cache[key]
-
 
 class ThresholdGate(PatchGate):
     """Compute a patch when its mean absolute change exceeds ``tau``.

@@ -61,20 +61,15 @@ def pad_map(x: torch.Tensor, patch: int, window: int, halo: int) -> torch.Tensor
     return to_pixel_major(F.pad(x, (halo, right, halo, right)))
 
 
-def _pixels(buf: torch.Tensor) -> torch.Tensor:
-    """A (H*W, C) view of a channels-last (1, C, H, W) tensor (a 2-D one: as it is)."""
+def pixel_view(buf: torch.Tensor) -> torch.Tensor:
+    """The (H*W, C) view of a channels-last (1, C, H, W) map that the functions here
+    gather from and write into (in place, it aliases ``buf``); a 2-D one as it is."""
     if buf.dim() == 2:
         return buf
     _, c, h, w = buf.shape
     if not buf.is_contiguous(memory_format=_CL):
         raise ValueError("patch maps must be channels-last contiguous")
     return buf.permute(0, 2, 3, 1).view(h * w, c)
-
-
-def pixel_view(buf: torch.Tensor) -> torch.Tensor:
-    """The (H*W, C) view of a channels-last (1, C, H, W) map that the functions here
-    gather from and write into (in place, it aliases ``buf``)."""
-    return _pixels(buf)
 
 
 def window_table(
@@ -142,9 +137,9 @@ def gather_rows(
     (H*W, C) pixel view (``pixel_view``), which saves two view operations per call."""
     c = buf.shape[1]
     if out is None:
-        taken = _pixels(buf).index_select(0, pixels)
+        taken = pixel_view(buf).index_select(0, pixels)
     else:
-        taken = torch.index_select(_pixels(buf), 0, pixels, out=out[: pixels.numel()])
+        taken = torch.index_select(pixel_view(buf), 0, pixels, out=out[: pixels.numel()])
     return taken.view(-1, window, window, c).permute(0, 3, 1, 2)
 
 
@@ -153,7 +148,7 @@ def put_rows(buf: torch.Tensor, pixels: torch.Tensor, values: torch.Tensor) -> N
     ``gather_rows``)."""
     n, c, p, _ = values.shape
     src = values.permute(0, 2, 3, 1).reshape(n * p * p, c)
-    _pixels(buf).index_copy_(0, pixels, src)
+    pixel_view(buf).index_copy_(0, pixels, src)
 
 
 def mask_table(
